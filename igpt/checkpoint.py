@@ -1,0 +1,108 @@
+"""Checkpoints as a thin wrapper over Orbax; the only module in igpt that imports it.
+
+Step N lives in `<directory>/N/` and holds two items: ``state`` (the train-state pytree of
+jax.Arrays, written with StandardSave) and ``extra`` (a JSON dict: data position, config...).
+Orbax writes a step into `<directory>/N.orbax-checkpoint-tmp/` and renames it to `N/` only after
+every process has written all of it, and an old step is deleted only after the new one is
+renamed. So a process killed at any point leaves only whole checkpoints under plain step names;
+`latest_step()` never returns a half-written one. A stray tmp dir is replaced when that step is
+saved again. Every process of a multi-host job calls every method; Orbax picks the writers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _leaf_name(path) -> str:
+  """'opt.0.mu.wte' for both a target tree and Orbax's metadata tree.
+
+  Orbax stores namedtuples as dicts and tuples as lists, so the two trees only agree on names.
+  """
+  keys = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+  return ".".join(str(k) for k in keys)
+
+
+class Checkpointer:
+  """Saves and restores `(state, extra)` under one directory, keeping the newest `keep` steps."""
+
+  def __init__(self, directory: str, keep: int):
+    self.directory = os.path.abspath(directory)  # errors then name a path that works anywhere
+    self._name_format = ocp.step.standard_name_format()
+    # Async saving (Orbax's default): `save` returns once the arrays are copied to host memory.
+    # Naming the handlers lets a fresh process read item metadata before any save.
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "extra": ocp.JsonCheckpointHandler()})
+
+  def all_steps(self) -> list[int]:
+    """Finalised steps on disk, oldest first."""
+    return sorted(m.step for m in self._name_format.find_all(self.directory))
+
+  def latest_step(self) -> int | None:
+    """The newest finalised step, or None. A save still in flight does not count."""
+    # Read the directory, not the manager's list: that lists an async save as soon as it starts.
+    return max(self.all_steps(), default=None)
+
+  def save(self, step: int, state, extra: dict, *, force: bool = False) -> None:
+    """Starts saving `state` (a pytree of arrays) and `extra` (a JSON dict) as `step`.
+
+    Returns once the arrays are copied off the devices, so `state` may be donated right away;
+    the write finishes in the background (see `wait`). As in Orbax, a step not newer than the
+    latest saved one is skipped unless `force` (which fails if that step already exists).
+    """
+    json.dumps(extra)  # Fail here, not in the background writer, on a non-JSON value.
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)), force=force)
+
+  def restore(self, step: int, abstract_state):
+    """Reads `step` as `(state, extra)`, laid out as `abstract_state` says.
+
+    `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set, e.g.
+    `jax.eval_shape(init)` plus the trainer's shardings; its mesh may differ from the one the
+    checkpoint was saved from. Raises ValueError for a missing step or a mismatching tree.
+    """
+    steps = self.all_steps()
+    if step not in steps:
+      raise ValueError(f"No checkpoint for step {step} in {self.directory}; "
+                       f"available steps: {steps or 'none'}.")
+    self._check_tree(step, abstract_state)
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
+    return out["state"], out["extra"]
+
+  def _check_tree(self, step: int, abstract_state) -> None:
+    """Raises a ValueError naming every leaf where the checkpoint and target disagree."""
+    saved = self._manager.item_metadata(step)["state"]
+    saved = {_leaf_name(p): tuple(m.shape) for p, m in jax.tree.leaves_with_path(saved)}
+    wanted = {_leaf_name(p): tuple(s.shape)
+              for p, s in jax.tree.leaves_with_path(abstract_state)}
+    problems = sorted(
+        [f"{k}: not in the checkpoint" for k in wanted.keys() - saved.keys()]
+        + [f"{k}: in the checkpoint but not in abstract_state"
+           for k in saved.keys() - wanted.keys()]
+        + [f"{k}: shape {saved[k]} in the checkpoint, {wanted[k]} in abstract_state"
+           for k in wanted.keys() & saved.keys() if saved[k] != wanted[k]])
+    if problems:
+      raise ValueError(f"Checkpoint {self.directory}/{step} does not match abstract_state:\n  "
+                       + "\n  ".join(problems))
+
+  def wait(self) -> None:
+    """Blocks until every started save is finalised (and raises its error, if any)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves, then releases Orbax's threads."""
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
