@@ -1,0 +1,223 @@
+"""Properties of igpt/model.py: causality, BERT mode, sizes, numerics, init, remat."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from igpt import config as igpt_config
+from igpt import model
+
+# A small model: 2 layers, width 64, 4 heads, 4x4 images.
+SMALL = model.ModelConfig(num_layers=2, d_model=64, num_heads=4, seq_len=16)
+_forward = jax.jit(model.apply, static_argnums=0)
+
+
+def _shapes(cfg):
+  """The params pytree as shapes, without running (or compiling) the initialisers."""
+  return jax.eval_shape(lambda key: model.init_params(cfg, key), jax.random.key(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _params(cfg, seed=0):
+  """Random params drawn in numpy (compiling the jax init costs seconds per config).
+
+  Every leaf is random, the head included (the init's zero `wtet` would make every logit 0),
+  with scales that keep activations O(1) and attention far from uniform.
+  """
+  rng = np.random.default_rng(seed)
+
+  def draw(path, shape):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['g']"):
+      return 1 + 0.1 * rng.standard_normal(shape.shape, np.float32)
+    if name in ("['wte']", "['wpe']", "['sos']"):
+      return 0.5 * rng.standard_normal(shape.shape, np.float32)
+    fan_in = cfg.d_model if "attn" in name or name == "['wtet']" else shape.shape[0]
+    return rng.standard_normal(shape.shape, np.float32) / np.float32(math.sqrt(fan_in))
+
+  return jax.tree_util.tree_map_with_path(draw, _shapes(cfg))
+
+
+def _tokens(cfg, batch=2, seed=0):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, cfg.seq_len)), jnp.int32)
+
+
+def _change(tokens, t):
+  """Tokens with position t set to a different colour in every row."""
+  return tokens.at[:, t].set((tokens[:, t] + 1 + tokens.shape[1]) % 512)
+
+
+# ----------------------------------------------------------------------------- causality
+
+
+@pytest.mark.parametrize("t", [0, 5, SMALL.seq_len - 2])
+def test_causal_logit_i_sees_only_tokens_before_i(t):
+  """Logit i predicts x_i from x_<i: changing x_t leaves logits 0..t alone, changes t+1."""
+  params, x = _params(SMALL), _tokens(SMALL)
+  logits, _ = _forward(SMALL, params, x)
+  logits2, _ = _forward(SMALL, params, _change(x, t))
+  np.testing.assert_allclose(logits2[:, :t + 1], logits[:, :t + 1], rtol=0, atol=1e-6)
+  assert np.all(np.max(np.abs(logits2[:, t + 1] - logits[:, t + 1]), axis=-1) > 1e-3)
+
+
+def test_causal_last_token_is_never_read():
+  """SOS shift: the last pixel is dropped from the input, so it changes nothing."""
+  params, x = _params(SMALL), _tokens(SMALL)
+  logits, _ = _forward(SMALL, params, x)
+  logits2, _ = _forward(SMALL, params, _change(x, SMALL.seq_len - 1))
+  np.testing.assert_array_equal(logits2, logits)
+
+
+def test_causal_embed_is_sos_then_shifted_tokens():
+  params, x = _params(SMALL), _tokens(SMALL)
+  _, hidden = _forward(SMALL, params, x)
+  want = jnp.concatenate([jnp.broadcast_to(params["sos"], (2, 1, SMALL.d_model)),
+                          params["wte"][x[:, :-1]]], axis=1) + params["wpe"]
+  np.testing.assert_allclose(hidden["embed"], want, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- BERT mode
+
+BERT = model.ModelConfig(num_layers=2, d_model=64, num_heads=4, seq_len=16, causal=False)
+
+
+def test_bert_sees_both_sides_and_has_no_sos():
+  params, x = _params(BERT), _tokens(BERT)
+  assert "sos" not in params and "sos" in _params(SMALL)
+  logits, _ = _forward(BERT, params, x)
+  logits2, _ = _forward(BERT, params, _change(x, BERT.seq_len - 1))
+  # The last token reaches the first position (no causal mask, no shift).
+  assert np.all(np.max(np.abs(logits2[:, 0] - logits[:, 0]), axis=-1) > 1e-3)
+
+
+def test_bert_masked_tokens_are_zeroed():
+  params, x = _params(BERT), _tokens(BERT)
+  keep = jnp.asarray(np.random.default_rng(1).random(x.shape) > 0.3)
+  keep = keep.at[:, 3].set(False)
+  _, hidden = _forward(BERT, params, x, keep)
+  embed = np.asarray(hidden["embed"])
+  wpe = np.broadcast_to(np.asarray(params["wpe"]), embed.shape)
+  masked = ~np.asarray(keep)
+  # A masked position carries only its position embedding; kept ones their token too.
+  np.testing.assert_array_equal(embed[masked], wpe[masked])
+  np.testing.assert_allclose(embed[~masked], (params["wte"][x] + params["wpe"])[~masked],
+                             rtol=1e-6, atol=1e-7)
+  # So a masked token's colour cannot leak into any output.
+  logits, _ = _forward(BERT, params, x, keep)
+  logits2, _ = _forward(BERT, params, _change(x, 3), keep)
+  np.testing.assert_array_equal(logits2, logits)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+PAPER_COUNTS = {"s": 76_571_648, "m": 455_157_760, "l": 1_362_250_752, "xl": 6_801_438_720}
+
+
+@pytest.mark.parametrize("size", sorted(PAPER_COUNTS))
+def test_paper_param_counts(size):
+  cfg = model.ModelConfig.from_config(igpt_config.paper_config(size))
+  assert model.param_count(cfg) == PAPER_COUNTS[size]
+
+
+def test_small_count_formula_pieces():
+  """iGPT-S piece by piece. Per block 12 d^2 + 2 d (q, k, v, c_proj: 4 d^2; MLP 8 d^2; two
+  gains); wte + wtet 2*512*d; wpe n*d; sos d and ln_f d. The spec writes the last term as
+  `+ d`, which gives 76,571,136; both d-sized vectors are needed for 76,571,648."""
+  cfg = model.ModelConfig.from_config(igpt_config.paper_config("s"))
+  d, layers, n = cfg.d_model, cfg.num_layers, cfg.seq_len
+  assert (d, layers, n, cfg.num_heads) == (512, 24, 1024, 8)
+  shapes = _shapes(cfg)
+  size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  for i in range(layers):
+    assert size(shapes[f"h_{i}"]) == 12 * d * d + 2 * d
+  assert size(shapes["wte"]) + size(shapes["wtet"]) == 2 * 512 * d
+  assert size(shapes["wpe"]) == n * d
+  assert size(shapes["sos"]) + size(shapes["ln_f"]) == 2 * d
+  assert 12 * d * d * layers + 2 * d * layers + 2 * 512 * d + n * d + 2 * d == 76_571_648
+  assert size(shapes) == model.param_count(cfg) == 76_571_648
+
+
+def test_bert_variant_has_no_sos():
+  cfg = model.ModelConfig.from_config(igpt_config.paper_config("s"))
+  bert = model.ModelConfig(**dict(vars(cfg), causal=False))
+  assert model.param_count(bert) == model.param_count(cfg) - cfg.d_model
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def test_bfloat16_compute_close_to_float32():
+  """bf16 activations/matmuls, f32 params and norm statistics: logits within 5% of the
+  largest |logit| (observed ~1-2%), finite, and returned as float32."""
+  cfg16 = model.ModelConfig(**dict(vars(SMALL), dtype="bfloat16"))
+  params16 = _shapes(cfg16)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params16))
+  params, x = _params(SMALL), _tokens(SMALL, batch=4)
+  logits32, _ = _forward(SMALL, params, x)
+  logits16, hidden16 = _forward(cfg16, params, x)
+  assert logits16.dtype == jnp.float32 and hidden16["block_0"].dtype == jnp.bfloat16
+  assert np.all(np.isfinite(logits16))
+  err = np.max(np.abs(logits16 - logits32)) / np.max(np.abs(logits32))
+  assert err < 5e-2, err
+
+
+def test_remat_matches_exactly():
+  """Rematerialisation recomputes the same ops: logits and grads agree (bit-identical on CPU;
+  the tolerance only allows for reordered reductions on other backends)."""
+  cfg_remat = model.ModelConfig(**dict(vars(SMALL), remat=True))
+  params, x = _params(SMALL), _tokens(SMALL)
+
+  def loss(cfg, p):
+    logits, _ = model.apply(cfg, p, x)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), x[..., None], -1))
+
+  results = [jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)(c, params)
+             for c in (SMALL, cfg_remat)]
+  (l0, g0), (l1, g1) = results
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+  logits0, _ = _forward(SMALL, params, x)
+  logits1, _ = _forward(cfg_remat, params, x)
+  np.testing.assert_allclose(logits1, logits0, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def test_init_statistics_match_spec():
+  """TF init: wte N(0,.02), wpe N(0,.01), sos N(0,.02), q/k/v N(0,1/sqrt d), attention
+  c_proj N(0,1/sqrt(d L)), MLP N(0,.02), wtet zeros, norm gains ones."""
+  cfg = model.ModelConfig(num_layers=2, d_model=256, num_heads=4, seq_len=64)
+  p = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
+  d, layers = cfg.d_model, cfg.num_layers
+
+  def check_std(x, want, tol=0.05):
+    x = np.asarray(x)
+    assert abs(x.std() / want - 1) < tol, (x.std(), want)
+    assert abs(x.mean()) < 4 * want / math.sqrt(x.size)
+
+  check_std(p["wte"], 0.02)
+  check_std(p["wpe"], 0.01)
+  check_std(p["sos"], 0.02, tol=0.25)  # only d samples
+  for i in range(layers):
+    attn, mlp = p[f"h_{i}"]["attn"], p[f"h_{i}"]["mlp"]
+    for name in ("q", "k", "v"):
+      check_std(attn[name], 1 / math.sqrt(d))
+    check_std(attn["c_proj"], 1 / math.sqrt(d * layers))
+    check_std(mlp["c_fc"], 0.02)
+    check_std(mlp["c_proj"], 0.02)
+    for norm in ("ln_1", "ln_2"):
+      np.testing.assert_array_equal(p[f"h_{i}"][norm]["g"], 1.0)
+  np.testing.assert_array_equal(p["ln_f"]["g"], 1.0)
+  np.testing.assert_array_equal(p["wtet"], 0.0)
+  # Distinct layers and q/k/v draw distinct values.
+  assert not np.allclose(p["h_0"]["attn"]["q"], p["h_0"]["attn"]["k"])
+  assert not np.allclose(p["h_0"]["attn"]["q"], p["h_1"]["attn"]["q"])
