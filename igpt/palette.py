@@ -85,8 +85,9 @@ def _check_images(images) -> np.ndarray:
 def _cpu():
   """The host CPU device. Palette kernels run there, beside the data pipeline, not on the
   accelerator that trains: this keeps accelerator memory free and fits bit-identical on
-  every machine."""
-  return jax.devices("cpu")[0]
+  every machine. Local, not global device 0: on process 1 of a multi-host job that one
+  belongs to process 0."""
+  return jax.local_devices(backend="cpu")[0]
 
 
 @jax.jit
