@@ -59,6 +59,9 @@ def base_config(*, num_layers: int, d_model: int, num_heads: int, image_side: in
 
   # Mesh axis sizes; -1 = all remaining devices. Pure FSDP by default.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  # (logical axis, mesh axes) pairs replacing entries of igpt.sharding.DEFAULT_RULES, e.g.
+  # (("embed", None),) to replicate params over fsdp (plain data parallelism).
+  c.sharding_rules = ()
   c.distributed = False  # call jax.distributed.initialize() (multi-host)
 
   c.probe = ml_collections.ConfigDict(dict(layer=-1, batch_size=64))

@@ -1,0 +1,122 @@
+"""Throughput accounting (FLOPs per token, MFU) and where metrics go (console, metrics.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+from absl import logging
+
+from igpt.model import ModelConfig
+
+# Dense bfloat16 peak FLOP/s per device (vendor datasheets, no sparsity), matched as a
+# substring of `jax.devices()[0].device_kind`, first match wins. Float32 compute runs below
+# these peaks, so MFU of a float32 run is measured against the bf16 peak (conservative).
+PEAK_FLOPS_PER_DEVICE = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("TPU v6 lite", 918e12),  # v6e
+    ("TPU v6e", 918e12),
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+    ("TPU v3", 123e12),
+)
+
+
+def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | None:
+  """The peak to compute MFU against: `override` if > 0, else the table, else None (unknown)."""
+  if override and override > 0:
+    return float(override)
+  for name, flops in PEAK_FLOPS_PER_DEVICE:
+    if name.lower() in device_kind.lower():
+      return flops
+  return None
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+  """Analytic training FLOPs per token (forward + backward), the PaLM/nanoGPT convention.
+
+  6 * N + 12 * L * d * T, where N counts the matmul weights (blocks and the output head
+  `wtet`: 12 d^2 L + V d; token/position lookups and norm gains cost no matmul FLOPs), and
+  12 L d T is attention's QK^T and AV over the full T x T square (causal masking's savings are
+  not subtracted, as in PaLM). Rematerialisation's extra forward pass is not counted, so this
+  is model FLOPs (MFU), not hardware FLOPs.
+  """
+  d, n_layers, seq = cfg.d_model, cfg.num_layers, cfg.seq_len
+  matmul_params = 12 * d * d * n_layers + cfg.vocab_size * d
+  return 6.0 * matmul_params + 12.0 * n_layers * d * seq
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to `workdir/metrics.jsonl` (process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records newer than `step`: a resumed run rewrites them, so none are duplicated."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [ln for ln in f if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    if len(kept) != len(lines):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+
+  def write(self, step: int, **values) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "time": time.time()}
+    record.update({k: _jsonable(v) for k, v in values.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _jsonable(v):
+  if hasattr(v, "item"):
+    v = v.item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)  # JSON has no NaN/inf; keep it readable.
+  return v
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(step: int, total_steps: int, values: dict) -> str:
+  """One console line: step, loss, throughput, ETA (and MFU where known)."""
+  parts = [f"step {step}/{total_steps}", f"loss {values['loss']:.4f}"]
+  if "tokens_per_s" in values:
+    parts.append(f"{values['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"{values['images_per_s']:,.1f} img/s")
+  if "model_tflops_per_s_per_device" in values:
+    parts.append(f"{values['model_tflops_per_s_per_device']:.3g} TFLOP/s/dev")
+  if "mfu" in values:
+    parts.append(f"MFU {100 * values['mfu']:.1f}%")
+  parts.append(f"|g| {values['grad_norm']:.3g}")
+  if "eta_s" in values:
+    parts.append(f"ETA {format_duration(values['eta_s'])}")
+  return " | ".join(parts)
+
+
+def log(msg: str, *args) -> None:
+  """INFO log from process 0 only: one console, not one per host."""
+  if jax.process_index() == 0:
+    logging.info(msg, *args)

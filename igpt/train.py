@@ -1,0 +1,581 @@
+"""iGPT pretraining: one readable trainer, the same code on one CPU, a GPU or a TPU pod slice.
+
+    from igpt.train import train_and_evaluate
+    final = train_and_evaluate(config, workdir)   # what `python train.py` calls
+
+Phases of `train_and_evaluate` (each a commented block below): processes, config checks,
+workdir, data and palette, mesh, train state (born sharded), checkpoint restore, compiled
+steps, the loop (log / eval / checkpoint), final save.
+
+Public pieces the benchmark and the other entry points reuse:
+  - `make_optimizer(config)`: optax Adam (beta2 0.95), warm-up + cosine to 0, optional clipping.
+  - `create_train_state(config, mesh, rng) -> (state, state_shardings)`; state is the plain
+    dict {'params', 'opt', 'step'}, created directly with its final shardings.
+  - `abstract_train_state(config, mesh) -> (abstract_state, state_shardings)` for restores.
+  - `make_train_step(config, mesh, state_shardings)` -> jitted, state-donating
+    `step(state, batch, rng) -> (state, metrics)`.
+  - `make_eval_step(config, mesh, state_shardings)` -> jitted
+    `eval(params, batch, rng) -> (loss_sum, num_examples)`; `evaluate` averages over batches.
+  - `flops_per_token(model_cfg)` (re-exported from igpt.metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from igpt import losses, metrics, model, sharding
+from igpt.metrics import flops_per_token  # noqa: F401  (public: used by bench/)
+from igpt.model import ModelConfig
+
+PALETTE_FILE = "palette.npy"
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+OBJECTIVES = ("ar", "bert")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss (or the updated params) became NaN or inf; the run stopped without saving."""
+
+
+# ----------------------------------------------------------------------------------------
+# Config checks: everything that can be wrong with a config, found before any device work.
+# ----------------------------------------------------------------------------------------
+
+def validate_config(config, num_devices: int, process_count: int = 1) -> ModelConfig:
+  """Raises ValueError with a clear message for a config that cannot run; returns the model cfg.
+
+  Cheap and device-free (no compile), so a bad run fails in seconds.
+  """
+  objective = config.get("objective", "ar")
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective={objective!r} is unknown: use one of {OBJECTIVES}.")
+  if objective == "bert" and not 0.0 < config.bert_mask_prob < 1.0:
+    raise ValueError(f"bert_mask_prob={config.bert_mask_prob} must be in (0, 1).")
+  model_cfg = ModelConfig.from_config(config)
+
+  sizes = sharding.mesh_shape(config.mesh, num_devices)
+  dp = sharding.data_parallel_size(sizes)
+  t = config.train
+  accum = t.grad_accum_steps
+  if accum < 1:
+    raise ValueError(f"train.grad_accum_steps={accum} must be >= 1.")
+  if t.batch_size % (dp * accum):
+    raise ValueError(
+        f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
+        f"(mesh data x fsdp = {sizes['data']} x {sizes['fsdp']} = {dp}) times "
+        f"train.grad_accum_steps={accum}; each device needs a whole micro-batch.")
+  if t.batch_size % process_count:
+    raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the "
+                     f"{process_count} processes.")
+  if process_count > 1 and dp % process_count:
+    raise ValueError(
+        f"the data-parallel size {dp} must be a multiple of the {process_count} processes, "
+        "so every process feeds its own rows of the batch.")
+  if t.total_steps < 1:
+    raise ValueError(f"train.total_steps={t.total_steps} must be >= 1.")
+  if not 0 <= config.optim.warmup_steps < t.total_steps:
+    raise ValueError(f"optim.warmup_steps={config.optim.warmup_steps} must be in "
+                     f"[0, train.total_steps={t.total_steps}).")
+  for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+    if t[name] < 1:
+      raise ValueError(f"train.{name}={t[name]} must be >= 1.")
+  if config.data.palette_size > model_cfg.vocab_size:
+    raise ValueError(
+        f"model.vocab_size={model_cfg.vocab_size} is smaller than data.palette_size="
+        f"{config.data.palette_size}: every palette colour needs a token.")
+  if config.data.palette_path and not os.path.exists(config.data.palette_path):
+    raise ValueError(f"data.palette_path={config.data.palette_path!r} does not exist; "
+                     "give an existing .npy palette or '' to fit one from the training data.")
+  sharding.rules_from_config(config)  # unknown mesh axes in sharding_rules
+  return model_cfg
+
+
+# ----------------------------------------------------------------------------------------
+# Optimiser.
+# ----------------------------------------------------------------------------------------
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Linear warm-up from 0 to `optim.lr`, then cosine decay to 0 at `train.total_steps`."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.optim.lr, warmup_steps=config.optim.warmup_steps,
+      decay_steps=config.train.total_steps, end_value=0.0)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Adam with the paper's beta2 = 0.95 and no weight decay unless `optim.weight_decay` > 0."""
+  o = config.optim
+  schedule = learning_rate_schedule(config)
+  if o.weight_decay > 0:
+    adam = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+  else:
+    adam = optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps)
+  if o.clip_grad_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), adam)
+  return adam
+
+
+# ----------------------------------------------------------------------------------------
+# Train state: {'params', 'opt', 'step'}, born sharded.
+# ----------------------------------------------------------------------------------------
+
+def _init_state(model_cfg: ModelConfig, tx, rng) -> dict:
+  params = model.init_params(model_cfg, rng)
+  return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def abstract_train_state(config, mesh) -> tuple[Any, Any]:
+  """Shapes and shardings of the train state, without allocating it.
+
+  Returns (abstract_state: ShapeDtypeStructs with `.sharding`, state_shardings). Params follow
+  the logical-axis rules; Adam's moments mirror their param; counters are replicated.
+  """
+  model_cfg = ModelConfig.from_config(config)
+  tx = make_optimizer(config)
+  shapes = jax.eval_shape(lambda: _init_state(model_cfg, tx, jax.random.key(0)))
+  rules = sharding.rules_from_config(config)
+  param_shardings = sharding.logical_to_shardings(
+      model.logical_axes(model_cfg), shapes["params"], mesh, rules)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, shapes["opt"], param_shardings,
+      transform_non_params=lambda _: sharding.replicated(mesh),
+      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  shardings = {"params": param_shardings, "opt": opt_shardings,
+               "step": sharding.replicated(mesh)}
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+  return abstract, shardings
+
+
+def create_train_state(config, mesh, rng) -> tuple[dict, Any]:
+  """A fresh train state laid out on `mesh`: (state, state_shardings).
+
+  Init runs under `jax.jit(out_shardings=...)`, so each device only ever materialises its own
+  shard of every param and optimiser moment (no full copy on any one device or host).
+  """
+  model_cfg = ModelConfig.from_config(config)
+  tx = make_optimizer(config)
+  _, shardings = abstract_train_state(config, mesh)
+  init = jax.jit(lambda r: _init_state(model_cfg, tx, r), out_shardings=shardings)
+  return init(rng), shardings
+
+
+# ----------------------------------------------------------------------------------------
+# Update and eval steps.
+# ----------------------------------------------------------------------------------------
+
+def _per_example_loss_fn(model_cfg: ModelConfig, objective: str):
+  """f(params, tokens_BxL, keep_BxL) -> (loss, per-example loss [B], example weight [B]).
+
+  The weight is 0 for a BERT example with no masked position (it carries no loss), else 1;
+  evaluation multiplies it by the eval batch's padding mask.
+  """
+
+  def loss(params, tokens_BxL, keep_BxL):
+    if objective == "bert":
+      logits_BxLxV, _ = model.apply(model_cfg, params, tokens_BxL, keep_BxL)
+      loss, per_example_B = losses.bert_loss(logits_BxLxV, tokens_BxL, keep_BxL)
+      return loss, per_example_B, (~keep_BxL).any(axis=1).astype(jnp.float32)
+    logits_BxLxV, _ = model.apply(model_cfg, params, tokens_BxL)
+    loss, per_example_B = losses.ar_loss(logits_BxLxV, tokens_BxL)
+    return loss, per_example_B, jnp.ones_like(per_example_B)
+
+  return loss
+
+
+def _loss_fn(model_cfg: ModelConfig, objective: str):
+  """loss(params, tokens_BxL, keep_BxL) -> scalar, for the configured objective."""
+  per_example = _per_example_loss_fn(model_cfg, objective)
+  return lambda *args: per_example(*args)[0]
+
+
+def _keep_mask(config, rng, tokens_BxL):
+  """BERT: True where the token is visible. AR: all True (unused)."""
+  if config.objective == "bert":
+    return losses.bert_keep_mask(rng, tokens_BxL.shape, config.bert_mask_prob)
+  return jnp.ones(tokens_BxL.shape, jnp.bool_)
+
+
+def make_train_step(config, mesh, state_shardings):
+  """The jitted update: `step(state, batch, rng) -> (new_state, metrics)`.
+
+  `batch['tokens']` is an int32 [global_batch, seq_len] array sharded over (data, fsdp)
+  (see `sharding.global_batch`); `rng` is this step's key (`fold_in(key, step)`), used for
+  BERT masks. `state` is donated: its buffers are reused for the new state. With
+  `train.grad_accum_steps` = k the batch is split into k micro-batches of global_batch / k
+  rows (each device keeps its own rows: no data moves) whose gradients are averaged.
+  metrics: loss (nats/token, mean over the batch), grad_norm (before clipping),
+  param_norm (after the update), lr (used by this update), all float32 scalars.
+  """
+  model_cfg = ModelConfig.from_config(config)
+  tx = make_optimizer(config)
+  schedule = learning_rate_schedule(config)
+  rules = sharding.rules_from_config(config)
+  accum = config.train.grad_accum_steps
+  loss_and_grad = jax.value_and_grad(_loss_fn(model_cfg, config.objective))
+  micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      None, sharding.BATCH_AXES))
+
+  def to_micro(x_BxL):
+    # Row r of micro-batch i is row r * accum + i: every device's contiguous block of rows
+    # splits into its own share of each micro-batch, so the reshape moves no data.
+    b, l = x_BxL.shape
+    x_KxBxL = x_BxL.reshape(b // accum, accum, l).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x_KxBxL, micro_sharding)
+
+  def step(state, batch, rng):
+    # Linen's logical constraints need the mesh and the rules while tracing.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      params = state["params"]
+      tokens_BxL = batch["tokens"]
+      keep_BxL = _keep_mask(config, rng, tokens_BxL)
+      if accum == 1:
+        loss, grads = loss_and_grad(params, tokens_BxL, keep_BxL)
+      else:
+        def micro_step(carry, xs):
+          loss_sum, grad_sum = carry
+          loss, grads = loss_and_grad(params, *xs)
+          return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss, grads), _ = jax.lax.scan(
+            micro_step, (jnp.zeros((), jnp.float32), zeros),
+            (to_micro(tokens_BxL), to_micro(keep_BxL)))
+        loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+      updates, opt = tx.update(grads, state["opt"], params)
+      params = optax.apply_updates(params, updates)
+    new_state = {"params": params, "opt": opt, "step": state["step"] + 1}
+    step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                    "param_norm": optax.tree.norm(params),
+                    "lr": jnp.asarray(schedule(state["step"]), jnp.float32)}
+    return new_state, step_metrics
+
+  replicated = sharding.replicated(mesh)
+  return jax.jit(step,
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
+                 out_shardings=(state_shardings, replicated),
+                 donate_argnums=0)
+
+
+def make_eval_step(config, mesh, state_shardings):
+  """Jitted `eval(params, batch, rng) -> (loss_sum, num_examples)` on one held-out batch.
+
+  `batch` holds 'tokens' and 'mask' (float32 [B], 0 for the rows that pad the last eval
+  batch); loss_sum adds the per-example losses (nats/token) of the rows that count.
+  """
+  model_cfg = ModelConfig.from_config(config)
+  rules = sharding.rules_from_config(config)
+  loss_fn = _per_example_loss_fn(model_cfg, config.objective)
+
+  def eval_fn(params, batch, rng):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      tokens_BxL = batch["tokens"]
+      _, per_example_B, weight_B = loss_fn(params, tokens_BxL, _keep_mask(config, rng, tokens_BxL))
+      weight_B = weight_B * batch["mask"]
+      return (per_example_B * weight_B).sum(), weight_B.sum()
+
+  replicated = sharding.replicated(mesh)
+  return jax.jit(eval_fn,
+                 in_shardings=(state_shardings["params"], sharding.batch_sharding(mesh),
+                               replicated),
+                 out_shardings=replicated)
+
+
+# ----------------------------------------------------------------------------------------
+# Processes, palette, workdir helpers.
+# ----------------------------------------------------------------------------------------
+
+def run_rngs(config):
+  """(init, step, eval) keys, all from `config.seed`; step s uses `fold_in(step_key, s)`.
+
+  Nothing random lives in the state, so a resumed run draws exactly the keys it would have.
+  """
+  init_rng, step_rng, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
+  return init_rng, step_rng, eval_rng
+
+
+def evaluate(eval_step, params, eval_data, eval_rng) -> dict:
+  """Mean held-out loss over the examples of `eval_data` (global batches of 'tokens' and
+  'mask'): nats/token and bits/dim (= nats / ln 2 / 3, per RGB sub-pixel).
+
+  Batch i uses `fold_in(eval_rng, i)` (BERT masks), so every evaluation sees the same masks.
+  """
+  sums = [eval_step(params, b, jax.random.fold_in(eval_rng, i)) for i, b in enumerate(eval_data)]
+  loss_sum, count = (sum(float(x) for x in xs) for xs in zip(*jax.device_get(sums)))
+  loss = loss_sum / max(count, 1.0)
+  return {"eval_loss": loss, "eval_bits_per_dim": float(losses.bits_per_dim(loss)),
+          "eval_examples": int(count)}
+
+
+def maybe_initialize_distributed(config) -> None:
+  """`jax.distributed.initialize` when the config or the environment asks for it.
+
+  Managed clusters (Cloud TPU, SLURM, Open MPI, k8s) are auto-detected by JAX. Elsewhere set
+  JAX_COORDINATOR_ADDRESS=host:port plus JAX_NUM_PROCESSES and JAX_PROCESS_ID (ours).
+  On CPU the cross-process collectives use gloo (jax_cpu_collectives_implementation).
+  """
+  env = os.environ
+  if not (config.get("distributed", False) or env.get("JAX_COORDINATOR_ADDRESS")):
+    return
+  if jax.distributed.is_initialized():
+    return
+  kwargs = {}
+  if env.get("JAX_NUM_PROCESSES"):
+    kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+  if env.get("JAX_PROCESS_ID"):
+    kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+  if jax.config.jax_platforms in (None, "", "cpu") and not jax.config.jax_cpu_collectives_implementation:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+
+
+def _write_json_atomic(path: str, obj) -> None:
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def prepare_palette(config, train_source, workdir: str) -> np.ndarray:
+  """The run's palette, stored as workdir/palette.npy for probe and sample to share.
+
+  workdir/palette.npy if present (a resumed run), else `data.palette_path` as is, else fitted
+  on `data.palette_fit_pixels` training pixels (deterministic in `config.seed`).
+  """
+  from igpt import data, palette  # noqa: PLC0415  (keeps `import igpt.train` light)
+
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, PALETTE_FILE)
+  given = config.data.palette_path
+  if os.path.exists(path):
+    centers = palette.load_palette(path)
+    if given and not np.array_equal(palette.load_palette(given), centers):
+      raise ValueError(f"{path} (from an earlier run in this workdir) differs from "
+                       f"data.palette_path={given!r}; resume with the same palette or use a "
+                       "fresh workdir.")
+    metrics.log("Palette: reusing %s (%d colours).", path, len(centers))
+  elif given:
+    centers = palette.load_palette(given)
+    palette.save_palette(path, centers)  # atomic: a kill never leaves half a file
+    metrics.log("Palette: %s (%d colours), copied to %s.", given, len(centers), path)
+  else:
+    t0 = time.time()
+    pixels = data.sample_pixels(train_source, config.data.palette_fit_pixels, config.seed)
+    centers = palette.fit_palette(pixels, config.data.palette_size, config.seed)
+    palette.save_palette(path, centers)
+    metrics.log("Palette: fitted %d colours on %d pixels in %.1fs, saved to %s.",
+                len(centers), len(pixels), time.time() - t0, path)
+  if len(centers) > config.model.vocab_size:
+    raise ValueError(f"the palette has {len(centers)} colours but model.vocab_size="
+                     f"{config.model.vocab_size}; raise vocab_size or shrink the palette.")
+  return np.asarray(centers, np.float32)
+
+
+def _broadcast_from_process_0(centers: np.ndarray | None) -> np.ndarray:
+  """Process 0's palette on every process: one fit, identical tokens on every host."""
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  is_source = jax.process_index() == 0
+  k = int(multihost_utils.broadcast_one_to_all(np.int32(len(centers) if is_source else 0)))
+  buf = np.asarray(centers, np.float32) if is_source else np.zeros((k, 3), np.float32)
+  return np.asarray(multihost_utils.broadcast_one_to_all(buf), np.float32)
+
+
+def _check_finite(pending: list, last_good_checkpoint: int | None) -> list:
+  """Fetches the queued per-step metrics; raises NonFiniteLossError on the first bad loss."""
+  fetched = jax.device_get(pending)
+  for step, m in fetched:
+    # The loss is computed before the update, so a finite loss can still come with
+    # overflowed params; checking the new params' norm keeps those out of checkpoints too.
+    loss, param_norm = float(m["loss"]), float(m["param_norm"])
+    if not (math.isfinite(loss) and math.isfinite(param_norm)):
+      where = (f"the last good checkpoint (step {last_good_checkpoint}) is intact"
+               if last_good_checkpoint is not None else "no checkpoint was written")
+      raise NonFiniteLossError(
+          f"Non-finite training at step {step}: loss {loss}, param_norm {param_norm}, "
+          f"grad_norm {float(m['grad_norm'])}. Stopping without saving; {where}. "
+          "Try a lower optim.lr, optim.clip_grad_norm > 0 or model.dtype='float32'.")
+  return fetched
+
+
+# ----------------------------------------------------------------------------------------
+# The trainer.
+# ----------------------------------------------------------------------------------------
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the run in `workdir` to `train.total_steps`; returns final metrics.
+
+  Returned dict: step, train_loss (nats/token, last step), eval_loss (nats/token),
+  eval_bits_per_dim (eval_loss / ln 2 / 3), plus the last throughput numbers.
+  """
+  from igpt import data  # noqa: PLC0415
+  from igpt.checkpoint import Checkpointer  # noqa: PLC0415
+
+  # --- Processes: join the other hosts first; everything below sees the global devices.
+  maybe_initialize_distributed(config)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  is_writer = process_index == 0
+
+  # --- Config checks, before any data, device or compile work.
+  config = ml_collections.ConfigDict(config)  # private copy; callers' config untouched
+  model_cfg = validate_config(config, jax.device_count(), process_count)
+  t = config.train
+
+  # --- Workdir: the resolved config is written first, so every run documents itself.
+  os.makedirs(workdir, exist_ok=True)
+  if is_writer:
+    _write_json_atomic(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
+  writer = metrics.MetricsWriter(workdir, enabled=is_writer)
+
+  # --- Data and palette. Batches are a pure function of (seed, step): resuming is exact.
+  train_source = data.make_source(config.data, "train", config.model.image_side)
+  val_source = data.make_source(config.data, "val", config.model.image_side)
+  centers = prepare_palette(config, train_source, workdir) if is_writer else None
+  if process_count > 1:
+    centers = _broadcast_from_process_0(centers)
+
+  # --- Mesh: (data, fsdp, tensor) over every device of every process.
+  mesh = sharding.make_mesh(config.mesh)
+  metrics.log("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape),
+              mesh.size, jax.devices()[0].device_kind, process_count)
+
+  # --- Train state: restored from the newest whole checkpoint, else born sharded.
+  # Closing waits for in-flight async saves, so the last good checkpoint is complete even
+  # when the loop stops on a NaN (a SIGKILL loses only the save in flight).
+  ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), keep=t.keep_checkpoints)
+  with ckpt:
+    abstract_state, state_shardings = abstract_train_state(config, mesh)
+    init_rng, step_rng, eval_rng = run_rngs(config)
+    last_saved = ckpt.latest_step()
+    if last_saved is not None:
+      state, extra = ckpt.restore(last_saved, abstract_state)
+      start_step = int(extra["data"]["next_step"])
+      if start_step != int(jax.device_get(state["step"])):
+        raise ValueError(f"checkpoint {last_saved} is inconsistent: state step "
+                         f"{int(jax.device_get(state['step']))}, data position {start_step}.")
+      metrics.log("Resumed from checkpoint step %d in %s.", last_saved, ckpt.directory)
+    else:
+      state, _ = create_train_state(config, mesh, init_rng)
+      start_step = 0
+    writer.truncate_after(start_step)
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    metrics.log("Model: %s, %s params, objective %s.", model_cfg, f"{n_params:,}", config.objective)
+
+    # --- Compiled steps. Compiling ahead of time lets us log the memory use once.
+    train_step = make_train_step(config, mesh, state_shardings)
+    eval_step = make_eval_step(config, mesh, state_shardings)
+
+    def batch_for(step: int):
+      local = data.batch_at(train_source, centers, step, t.batch_size, config.seed,
+                            process_index=process_index, process_count=process_count)
+      return sharding.global_batch({"tokens": local["tokens"]}, mesh)
+
+    eval_data = [sharding.global_batch({"tokens": b["tokens"], "mask": b["mask"]}, mesh)
+                 for b in data.eval_batches(val_source, centers, t.batch_size, t.eval_batches,
+                                            process_index, process_count)]
+
+    def run_eval() -> dict:
+      return evaluate(eval_step, state["params"], eval_data, eval_rng)
+
+    first_batch = batch_for(start_step)
+    t0 = time.time()
+    compiled_step = train_step.lower(state, first_batch, step_rng).compile()
+    metrics.log("Compiled the train step in %.1fs.", time.time() - t0)
+    try:
+      mem = compiled_step.memory_analysis()
+      if mem is not None:
+        metrics.log("Train step memory per device: args %.1f MiB, temps %.1f MiB, output %.1f MiB.",
+                    mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20,
+                    mem.output_size_in_bytes / 2**20)
+    except Exception:  # noqa: BLE001  (not every backend implements it)
+      pass
+
+    # --- Throughput bookkeeping, named with units.
+    tokens_per_step = t.batch_size * model_cfg.seq_len
+    flops_per_step = flops_per_token(model_cfg) * tokens_per_step
+    peak_flops_per_device = metrics.peak_flops_per_device(jax.devices()[0].device_kind,
+                                                          t.peak_flops_per_device)
+
+    def throughput(steps_per_s: float, steps_left: int) -> dict:
+      model_flops_per_device = flops_per_step * steps_per_s / mesh.size
+      out = {"tokens_per_s": tokens_per_step * steps_per_s,
+             "images_per_s": t.batch_size * steps_per_s,
+             "model_tflops_per_s_per_device": model_flops_per_device / 1e12,
+             "eta_s": steps_left / steps_per_s}
+      if peak_flops_per_device:  # unknown device (e.g. CPU) and no override: no MFU
+        out["mfu"] = model_flops_per_device / peak_flops_per_device
+      return out
+
+    def save(step: int) -> None:
+      extra = {"data": {"next_step": step, "seed": config.seed},
+               "config": json.loads(config.to_json_best_effort())}
+      ckpt.save(step, state, extra)
+
+    # --- The loop. Metrics stay on device until a log/eval/checkpoint step, so dispatch runs
+    # ahead; every queued step is checked for NaN/inf before anything is saved.
+    final: dict = {"step": start_step}
+    pending: list = []  # (step, device metrics) not yet fetched
+    window_losses: list = []  # fetched train losses since the last log line
+    last_good = last_saved
+    window_start_s, window_step = time.time(), start_step
+    batch = first_batch
+    with jax.set_mesh(mesh):
+      for step in range(start_step, t.total_steps):
+        state, step_metrics = compiled_step(state, batch, jax.random.fold_in(step_rng, step))
+        done = step + 1  # steps completed == the state's step counter
+        pending.append((done, step_metrics))
+        if done < t.total_steps:
+          batch = batch_for(done)  # host work overlaps the device step just dispatched
+
+        is_last = done == t.total_steps
+        do_log = done % t.log_every_steps == 0 or is_last
+        do_eval = done % t.eval_every_steps == 0 or is_last
+        do_save = done % t.checkpoint_every_steps == 0 or is_last
+        if not (do_log or do_eval or do_save):
+          continue
+        fetched = _check_finite(pending, last_good)
+        pending = []
+        window_losses += [float(m["loss"]) for _, m in fetched]
+        final.update(step=done, train_loss=float(fetched[-1][1]["loss"]))
+
+        if do_log:
+          # loss: mean over the steps since the last log line; norms and lr: this step's.
+          record = {k: float(v) for k, v in fetched[-1][1].items()}
+          record["loss"] = sum(window_losses) / len(window_losses)
+          record["train_bits_per_dim"] = float(losses.bits_per_dim(record["loss"]))
+          elapsed_s = time.time() - window_start_s
+          if done > window_step and elapsed_s > 0:
+            record.update(throughput((done - window_step) / elapsed_s, t.total_steps - done))
+          metrics.log("%s", metrics.progress_line(done, t.total_steps, record))
+          writer.write(done, **record)
+          final.update({k: v for k, v in record.items() if k != "loss"})
+          window_losses = []
+          window_start_s, window_step = time.time(), done
+
+        if do_eval:
+          ev = run_eval()
+          metrics.log("eval @ step %d: loss %.4f nats/token, %.4f bits/dim (CE / ln 2 / 3), "
+                      "%d examples", done, ev["eval_loss"], ev["eval_bits_per_dim"],
+                      ev["eval_examples"])
+          writer.write(done, **ev)
+          final.update(ev)
+
+        if do_save:
+          save(done)
+          last_good = done
+        if do_eval or do_save:  # keep evals and saves out of the measured rate
+          window_start_s, window_step = time.time(), done
+
+      if start_step >= t.total_steps:  # resumed a finished run: just report its eval
+        final.update(run_eval())
+  return final

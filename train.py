@@ -1,0 +1,45 @@
+"""Pretrains iGPT: parses flags and a config file, then calls `igpt.train.train_and_evaluate`.
+
+  python train.py --config configs/tiny.py --workdir runs/tiny
+  python train.py --config configs/igpt_s.py --workdir runs/igpt_s --config.optim.lr=1e-3
+
+Rerunning the same command resumes from the newest checkpoint in --workdir. Multi-host: run the
+same command on every host (TPU pods, SLURM, Open MPI are detected), or set
+--config.distributed=True with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+"""
+
+import logging as pylogging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from igpt.train import NonFiniteLossError, train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, palette, config and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietOrbax:
+  """Drops Orbax's per-save INFO chatter from the console; its warnings still show."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  try:
+    final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except NonFiniteLossError as e:
+    logging.error("%s", e)
+    sys.exit(f"Training stopped: {e}")
+  logging.info("Done: %s", final)
+
+
+if __name__ == "__main__":
+  app.run(main)
