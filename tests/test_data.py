@@ -8,6 +8,7 @@ import importlib.util
 import os
 import pickle
 import struct
+import tempfile
 
 import numpy as np
 import pytest
@@ -19,6 +20,12 @@ from igpt import palette
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 GREY_PALETTE = np.linspace(-1, 1, 16, dtype=np.float32)[:, None].repeat(3, 1)
+
+
+@pytest.fixture(autouse=True)
+def _tempdir_in_tmp_path(tmp_path, monkeypatch):
+  """tfds (mock_data, dataset_info) leaves mkdtemp folders behind: keep them in tmp_path."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def _cfg(**overrides):
