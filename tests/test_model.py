@@ -221,3 +221,60 @@ def test_init_statistics_match_spec():
   # Distinct layers and q/k/v draw distinct values.
   assert not np.allclose(p["h_0"]["attn"]["q"], p["h_0"]["attn"]["k"])
   assert not np.allclose(p["h_0"]["attn"]["q"], p["h_1"]["attn"]["q"])
+
+
+# ----------------------------------------------------------------------------------------
+# The CPU kernels with hand-written backward passes equal the plain formulas.
+
+
+def _value_and_grads(f, args, seed=1):
+  """f(*args) and the gradient of a random projection of it with respect to every arg."""
+  out = f(*args)
+  probe = jax.random.normal(jax.random.key(seed), out.shape, jnp.float32)
+  grads = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * probe),
+                   argnums=tuple(range(len(args))))(*args)
+  return out, grads
+
+
+def _assert_close(got, want, rtol):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    assert np.max(np.abs(g - w)) <= rtol * np.max(np.abs(w)), np.max(np.abs(g - w))
+
+
+@pytest.mark.parametrize("causal, length", [(True, 200), (True, 64), (False, 200)])
+def test_blocked_attention_matches_dot_product_attention(causal, length):
+  # length 200 with block 64: several blocks and a ragged last one.
+  keys = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (2 * jax.random.normal(key, (2, length, 3, 16), jnp.float32) for key in keys)
+  reference = functools.partial(jax.nn.dot_product_attention, scale=1 / 4, is_causal=causal)
+  blocked = functools.partial(model.blocked_attention, causal=causal, block=64)
+  with jax.default_matmul_precision("highest"):
+    _assert_close(_value_and_grads(blocked, (q, k, v)), _value_and_grads(reference, (q, k, v)),
+                  rtol=1e-5)
+
+
+def test_blocked_attention_keeps_compute_dtype():
+  q = jnp.ones((1, 8, 2, 4), jnp.bfloat16)
+  assert model.blocked_attention(q, q, q, causal=True).dtype == jnp.bfloat16
+
+
+def test_mlp_and_norm_backward_match_autodiff():
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(keys[0], (2, 5, 8), jnp.float32)
+  w_fc = 0.3 * jax.random.normal(keys[1], (8, 32), jnp.float32)
+  w_proj = 0.3 * jax.random.normal(keys[2], (32, 8), jnp.float32)
+  g = 1 + 0.1 * jax.random.normal(keys[3], (8,), jnp.float32)
+
+  def plain_mlp(x, w_fc, w_proj):
+    h = x @ w_fc
+    return (h * jax.nn.sigmoid(1.702 * h)) @ w_proj
+
+  def plain_norm(x, g):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + model.NORM_EPS) * g
+
+  with jax.default_matmul_precision("highest"):
+    _assert_close(_value_and_grads(model._mlp, (x, w_fc, w_proj)),
+                  _value_and_grads(plain_mlp, (x, w_fc, w_proj)), rtol=1e-5)
+    _assert_close(_value_and_grads(model._rms_norm, (x, g)),
+                  _value_and_grads(plain_norm, (x, g)), rtol=1e-5)
