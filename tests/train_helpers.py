@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -9,8 +10,6 @@ import subprocess
 import sys
 
 import ml_collections
-
-from igpt.config import base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,12 +25,10 @@ TINY_OVERRIDES = {
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """configs/tiny.py (digits, 8x8, 16 colours) shrunk further; `a__b=v` overrides `a.b`."""
-  c = base_config(num_layers=2, d_model=32, num_heads=2, image_side=8)
-  c.data.source = "digits"
-  c.data.name = "digits"
-  c.data.val_examples = 200
-  c.data.palette_size = 16
-  c.model.vocab_size = 16
+  spec = importlib.util.spec_from_file_location("tiny", os.path.join(REPO, "configs", "tiny.py"))
+  tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tiny)
+  c = tiny.get_config()
   for key, value in {**TINY_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
     section, _, name = key.rpartition(".")
     (c[section] if section else c)[name] = value
