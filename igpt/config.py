@@ -81,15 +81,35 @@ PAPER_SIZES = {
 }
 
 
-def paper_config(size: str) -> ml_collections.ConfigDict:
-  """iGPT-{S,M,L,XL} trained autoregressively on ImageNet 32x32 (tfds), as in the paper."""
+# Datasets a paper-size config can train on (the `:variant` of the config file):
+# tfds name, validation split ('' = carved from train), test split, training examples.
+PAPER_DATASETS = {
+    "imagenet32": ("imagenet_resized/32x32", "validation", "validation", 1_281_167),
+    "cifar10": ("cifar10", "", "test", 45_000),
+    "cifar100": ("cifar100", "", "test", 45_000),
+}
+
+
+def paper_config(size: str, variant: str | None = None) -> ml_collections.ConfigDict:
+  """iGPT-{S,M,L,XL} at 32x32 with the paper's recipe, on ImageNet 32x32 (tfds) by default.
+
+  `variant` names another dataset of PAPER_DATASETS (`configs/igpt_s.py:cifar10`); warm-up
+  is one epoch of it.
+  """
+  variant = variant or "imagenet32"
+  if size not in PAPER_SIZES:
+    raise ValueError(f"unknown size {size!r}; one of {sorted(PAPER_SIZES)}.")
+  if variant not in PAPER_DATASETS:
+    raise ValueError(f"unknown config variant {variant!r}; one of {sorted(PAPER_DATASETS)} "
+                     "(e.g. --config configs/igpt_s.py:cifar10).")
   num_layers, d_model, num_heads, lr, batch_size, total_steps = PAPER_SIZES[size]
+  name, val_split, test_split, train_examples = PAPER_DATASETS[variant]
   c = base_config(num_layers=num_layers, d_model=d_model, num_heads=num_heads, image_side=32)
-  c.data.name = "imagenet_resized/32x32"
-  c.data.val_split = "validation"
-  c.data.test_split = "validation"
+  c.data.name = name
+  c.data.val_split = val_split
+  c.data.test_split = test_split
   c.optim.lr = lr
-  c.optim.warmup_steps = 1_281_167 // batch_size  # one epoch of ImageNet
+  c.optim.warmup_steps = train_examples // batch_size  # one epoch
   c.train.batch_size = batch_size
   c.train.total_steps = total_steps
   return c
