@@ -16,31 +16,27 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from igpt.config import PAPER_SIZES  # noqa: E402
+from igpt.metrics import flops_per_token  # noqa: E402  (the FLOPs bench_train.py counts)
+from igpt.model import ModelConfig  # noqa: E402
 
 
 def parse_sizes(spec: str):
-  """'s:1,8x256x8:4' -> [(name, layers, width, heads, batch)]. Named sizes: s, m, l."""
-  named = {"s": (24, 512, 8), "m": (36, 1024, 8), "l": (48, 1536, 16)}
+  """'s:1,8x256x8:4' -> [(name, layers, width, heads, batch)]. Named sizes: igpt.config.PAPER_SIZES."""
   out = []
   for item in spec.split(","):
     size, _, batch = item.partition(":")
-    if size in named:
-      layers, width, heads = named[size]
+    if size in PAPER_SIZES:
+      layers, width, heads = PAPER_SIZES[size][:3]
     else:
       layers, width, heads = (int(v) for v in size.split("x"))
     out.append((size, layers, width, heads, int(batch or 1)))
   return out
-
-
-def flops_per_token(layers: int, width: int, seq_len: int, vocab: int = 512) -> float:
-  """Training FLOPs per token: 6 N + 12 L d T (fwd + bwd; N = matmul params incl. head).
-
-  N = 12 L d^2 (qkv, attn proj, MLP) + vocab d (output head); the attention term counts the
-  full (unmasked) L x L scores and values, as in the Chinchilla / PaLM convention.
-  """
-  n = 12 * layers * width**2 + vocab * width
-  return 6 * n + 12 * layers * width * seq_len
 
 
 def build_step(torch, layers, width, heads, batch, seq_len, seed=0):
@@ -101,7 +97,8 @@ def main():
   p.add_argument("--steps", type=int, default=8)
   p.add_argument("--threads", type=int, default=os.cpu_count())
   p.add_argument("--peak_gflops", type=float, default=150.0,
-                 help="fp32 peak for MFU (default: this 2-core CPU's measured matmul peak)")
+                 help="fp32 peak GFLOP/s for MFU (default: the 150 quoted for the 2-core dev "
+                      "CPU; its measured jnp.dot peak is higher, see bench/README.md)")
   args = p.parse_args()
 
   import torch
@@ -112,7 +109,9 @@ def main():
   for name, layers, width, heads, batch in parse_sizes(args.sizes):
     step = build_step(torch, layers, width, heads, batch, args.seq_len)
     times = time_steps(step, args.warmup, args.steps)
-    print(row(name, batch, args.seq_len, times, flops_per_token(layers, width, args.seq_len),
+    model_cfg = ModelConfig(num_layers=layers, d_model=width, num_heads=heads,
+                            seq_len=args.seq_len)
+    print(row(name, batch, args.seq_len, times, flops_per_token(model_cfg),
               args.peak_gflops), flush=True)
 
 

@@ -53,9 +53,12 @@ def _to_rgb(image: np.ndarray, origin: str) -> np.ndarray:
   if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
     raise ValueError(f"{origin}: an image must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; "
                      f"got shape {image.shape}.")
-  if image.shape[-1] == 1:
-    return np.repeat(image, 3, axis=-1)
-  return image[..., :3]
+  return _channels_to_rgb(image)
+
+
+def _channels_to_rgb(images: np.ndarray) -> np.ndarray:
+  """[..., 1|3|4] -> [..., 3]: grey repeated, alpha dropped."""
+  return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images[..., :3]
 
 
 def _centre_square(images: np.ndarray) -> np.ndarray:
@@ -97,8 +100,7 @@ def prepare_images(images, side: int, origin: str = "images") -> np.ndarray:
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
       raise ValueError(f"{origin}: expected images [n, H, W] or [n, H, W, 1|3|4]; got shape "
                        f"{images.shape}.")
-    batch = _centre_square(images)
-    batch = np.repeat(batch, 3, axis=-1) if batch.shape[-1] == 1 else batch[..., :3]
+    batch = _channels_to_rgb(_centre_square(images))
     return np.ascontiguousarray(_resize_batch(batch, side))
   # A list of images of possibly different sizes (tfds, image files): one at a time.
   out = []
@@ -190,11 +192,8 @@ class SubsetSource(ImageSource):
   def __len__(self) -> int:
     return len(self.indices)
 
-  def get(self, indices):
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
-      raise IndexError(f"{self.description}: indices must be in [0, {len(self)}).")
-    return self.base.get(self.indices[indices])
+  def _read(self, indices):
+    return self.base._read(self.indices[indices])  # pylint: disable=protected-access
 
 
 class FileSource(ImageSource):

@@ -47,7 +47,7 @@ class ModelConfig:
           f"model.d_model={self.d_model} is not divisible by model.num_heads="
           f"{self.num_heads}; pick a head count that divides the width.")
     if self.dtype not in ("float32", "bfloat16", "float16"):
-      raise ValueError(f"model.dtype={self.dtype!r}: use 'float32' or 'bfloat16'.")
+      raise ValueError(f"model.dtype={self.dtype!r}: use 'float32', 'bfloat16' or 'float16'.")
 
   @property
   def head_dim(self) -> int:

@@ -41,7 +41,6 @@ from igpt.model import ModelConfig
 PALETTE_FILE = "palette.npy"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-OBJECTIVES = ("ar", "bert")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -57,12 +56,9 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
 
   Cheap and device-free (no compile), so a bad run fails in seconds.
   """
-  objective = config.get("objective", "ar")
-  if objective not in OBJECTIVES:
-    raise ValueError(f"objective={objective!r} is unknown: use one of {OBJECTIVES}.")
-  if objective == "bert" and not 0.0 < config.bert_mask_prob < 1.0:
+  model_cfg = ModelConfig.from_config(config)  # also rejects an unknown objective
+  if not model_cfg.causal and not 0.0 < config.bert_mask_prob < 1.0:
     raise ValueError(f"bert_mask_prob={config.bert_mask_prob} must be in (0, 1).")
-  model_cfg = ModelConfig.from_config(config)
 
   sizes = sharding.mesh_shape(config.mesh, num_devices)
   dp = sharding.data_parallel_size(sizes)
@@ -347,7 +343,7 @@ def _write_json_atomic(path: str, obj) -> None:
 
 
 def prepare_palette(config, train_source, workdir: str) -> np.ndarray:
-  """The run's palette, stored as workdir/palette.npy for probe and sample to share.
+  """The run's palette, stored as workdir/palette.npy so a resumed run encodes the same way.
 
   workdir/palette.npy if present (a resumed run), else `data.palette_path` as is, else fitted
   on `data.palette_fit_pixels` training pixels (deterministic in `config.seed`).
@@ -433,8 +429,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Workdir: the resolved config is written first, so every run documents itself.
   os.makedirs(workdir, exist_ok=True)
+  config_json = json.loads(config.to_json_best_effort())  # also stored with every checkpoint
   if is_writer:
-    _write_json_atomic(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
+    _write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_json)
   writer = metrics.MetricsWriter(workdir, enabled=is_writer)
 
   # --- Data and palette. Batches are a pure function of (seed, step): resuming is exact.
@@ -454,10 +451,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # when the loop stops on a NaN (a SIGKILL loses only the save in flight).
   ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), keep=t.keep_checkpoints)
   with ckpt:
-    abstract_state, state_shardings = abstract_train_state(config, mesh)
     init_rng, step_rng, eval_rng = run_rngs(config)
     last_saved = ckpt.latest_step()
     if last_saved is not None:
+      abstract_state, state_shardings = abstract_train_state(config, mesh)
       state, extra = ckpt.restore(last_saved, abstract_state)
       start_step = int(extra["data"]["next_step"])
       if start_step != int(jax.device_get(state["step"])):
@@ -465,7 +462,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          f"{int(jax.device_get(state['step']))}, data position {start_step}.")
       metrics.log("Resumed from checkpoint step %d in %s.", last_saved, ckpt.directory)
     else:
-      state, _ = create_train_state(config, mesh, init_rng)
+      state, state_shardings = create_train_state(config, mesh, init_rng)
       start_step = 0
     writer.truncate_after(start_step)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
@@ -517,8 +514,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return out
 
     def save(step: int) -> None:
-      extra = {"data": {"next_step": step, "seed": config.seed},
-               "config": json.loads(config.to_json_best_effort())}
+      extra = {"data": {"next_step": step, "seed": config.seed}, "config": config_json}
       ckpt.save(step, state, extra)
 
     # --- The loop. Metrics stay on device until a log/eval/checkpoint step, so dispatch runs
