@@ -10,6 +10,7 @@ import time
 import jax
 from absl import logging
 
+from igpt import fileio
 from igpt.model import ModelConfig
 
 # Dense bfloat16 peak FLOP/s per device (vendor datasheets, no sparsity), matched as a
@@ -71,10 +72,8 @@ class MetricsWriter:
       lines = [ln for ln in f if ln.strip()]
     kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
     if len(kept) != len(lines):
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
+      with fileio.atomic_open(self.path) as f:
         f.writelines(kept)
-      os.replace(tmp, self.path)
 
   def write(self, step: int, **values) -> None:
     if not self.enabled:

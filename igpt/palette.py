@@ -20,12 +20,13 @@ import functools
 import hashlib
 import math
 import os
-import tempfile
 import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from igpt import fileio
 
 MAX_PALETTE_SIZE = 32767  # tokens live in an int16 lookup table
 _NUM_COLOURS = 1 << 24
@@ -331,18 +332,8 @@ def fit_palette(pixels, k: int = 512, seed: int = 0, num_iters: int = 50,
 def save_palette(path, centers) -> None:
   """Writes centres (k, 3) in [-1, 1] as a float32 `.npy` file, atomically (temp + rename)."""
   centers = _check_centers(centers)
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".palette-", suffix=".npy.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, centers)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with fileio.atomic_open(path, "wb") as f:
+    np.save(f, centers)
 
 
 def load_palette(path) -> np.ndarray:

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from igpt import losses, metrics, model, sharding
+from igpt import fileio, losses, metrics, model, sharding
 from igpt.metrics import flops_per_token  # noqa: F401  (public: used by bench/)
 from igpt.model import ModelConfig
 
@@ -335,13 +335,6 @@ def maybe_initialize_distributed(config) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def _write_json_atomic(path: str, obj) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def prepare_palette(config, train_source, workdir: str) -> np.ndarray:
   """The run's palette, stored as workdir/palette.npy so a resumed run encodes the same way.
 
@@ -431,7 +424,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   config_json = json.loads(config.to_json_best_effort())  # also stored with every checkpoint
   if is_writer:
-    _write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_json)
+    with fileio.atomic_open(os.path.join(workdir, CONFIG_FILE)) as f:
+      json.dump(config_json, f, indent=2, sort_keys=True)
   writer = metrics.MetricsWriter(workdir, enabled=is_writer)
 
   # --- Data and palette. Batches are a pure function of (seed, step): resuming is exact.
