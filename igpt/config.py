@@ -1,4 +1,7 @@
-"""The run config shared by every entry point (train, probe, sample).
+"""The run config shared by every entry point.
+
+One file serves them all: `probe` and `sample` hold the settings of the probe and sampling
+entry points, which are not in the repository yet (train.py reads the rest).
 
 Each file in `configs/` calls `base_config(...)` with its model size and overrides what
 differs. Every number with a unit carries it in its name (`total_steps`, `warmup_steps`).
