@@ -8,13 +8,11 @@ same command on every host (TPU pods, SLURM, Open MPI are detected), or set
 --config.distributed=True with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
 """
 
-import logging as pylogging
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from igpt.train import NonFiniteLossError, train_and_evaluate
+from igpt import cli
+from igpt.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
                                           lock_config=True)
@@ -22,23 +20,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, palette, config an
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietOrbax:
-  """Drops Orbax's per-save INFO chatter from the console; its warnings still show."""
-
-  def filter(self, record):
-    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
-  try:
+
+  def train():
     final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except NonFiniteLossError as e:
-    logging.error("%s", e)
-    sys.exit(f"Training stopped: {e}")
-  logging.info("Done: %s", final)
+    logging.info("Done: %s", final)
+
+  cli.run_main(train, interrupted_hint=f"rerun the same command to resume from the newest "
+                                       f"checkpoint in {_WORKDIR.value}")
 
 
 if __name__ == "__main__":

@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from igpt.config import PAPER_SIZES  # noqa: E402
-from igpt.metrics import flops_per_token  # noqa: E402  (the FLOPs bench_train.py counts)
-from igpt.model import ModelConfig  # noqa: E402
+from igpt.config import PAPER_SIZES
+from igpt.metrics import flops_per_token  # the FLOPs bench_train.py counts
+from igpt.model import ModelConfig
 
 
 def parse_sizes(spec: str):

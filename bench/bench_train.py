@@ -4,12 +4,15 @@ Times `igpt.train.make_train_step` (forward, backward, Adam with beta2 0.95, the
 metrics) on random tokens, for each requested size and batch:
 
   python bench/bench_train.py --sizes s:1,8x256x8:4
-  python bench/bench_train.py --sizes configs/igpt_s.py:8 --steps 10 --peak_gflops 150
+  python bench/bench_train.py --config configs/igpt_s.py --config.model.dtype=bfloat16 \
+      --batch_sizes 32,64 --steps 10
 
-SIZE is a paper size (s, m, l, xl), LAYERSxWIDTHxHEADS (32x32 images), or a config file with
-`get_config()`; BATCH defaults to 1. Per size: one compile (timed separately), `--warmup`
-untimed steps, then `--steps` timed steps, each ended by `block_until_ready`; the table shows
-the median step (and the spread, (max - min) / median, as a noise gauge).
+`--sizes`: a comma list of SIZE[:BATCH], SIZE a paper size (s, m, l, xl) or
+LAYERSxWIDTHxHEADS (32x32 images), BATCH 1 by default. `--config`: a config file loaded
+exactly as train.py loads it (`--config.x=y` overrides, `file.py:variant`), timed at each of
+`--batch_sizes` (default: its train.batch_size). Per size: one compile (timed separately),
+`--warmup` untimed steps, then `--steps` timed steps, each ended by `block_until_ready`; the
+table shows the median step (and the spread, (max - min) / median, as a noise gauge).
 
 FLOPs follow `igpt.metrics.flops_per_token`: 6 N + 12 L d T per token for forward + backward
 (N = matmul weights incl. the output head; attention over the full T x T square). MFU is
@@ -22,31 +25,30 @@ local devices (pure FSDP by default, as in training).
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from igpt import config as igpt_config
+from igpt import metrics, sharding, train
+from igpt.model import ModelConfig
 
-from igpt import config as igpt_config  # noqa: E402
-from igpt import metrics, sharding, train  # noqa: E402
-from igpt.model import ModelConfig  # noqa: E402
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (as train.py).")
+_SIZES = flags.DEFINE_string("sizes", "", "Comma list of SIZE[:BATCH] (s|m|l|xl or LxDxH).")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", [], "Batches to time --config at.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after the compile.")
+_STEPS = flags.DEFINE_integer("steps", 8, "Timed steps.")
+_PEAK_GFLOPS = flags.DEFINE_float(
+    "peak_gflops", 0.0, "Peak GFLOP/s per device for MFU (default: table, or measured on CPU).")
 
 
-def load_config(size: str):
-  """A run config for SIZE: a paper size name, LxDxH, or a config file path."""
-  if size.endswith(".py"):
-    spec = importlib.util.spec_from_file_location("bench_cfg", size)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+def size_config(size: str):
+  """A run config for SIZE: a paper size name or LxDxH (32x32 images)."""
   if size in igpt_config.PAPER_SIZES:
     return igpt_config.paper_config(size)
   layers, width, heads = (int(v) for v in size.lower().split("x"))
@@ -54,17 +56,23 @@ def load_config(size: str):
                                  image_side=32)
 
 
-def parse_sizes(spec: str, default_batch: int):
-  """'s:1,8x256x8:4' -> [(label, config)] with train.batch_size set."""
+def configs_to_time():
+  """[(label, config)] from --sizes and/or --config x --batch_sizes, batch sizes set."""
   out = []
-  for item in spec.split(","):
-    size, _, batch = item.rpartition(":") if ":" in item else (item, "", "")
-    config = load_config(size)
-    config.train.batch_size = int(batch or default_batch)
-    config.train.grad_accum_steps = 1
-    label = os.path.splitext(os.path.basename(size))[0]
-    out.append((label, config))
-  return out
+  for item in filter(None, _SIZES.value.split(",")):
+    size, _, batch = item.partition(":")
+    out.append((size, size_config(size), int(batch or 1)))
+  if _CONFIG.value is not None:
+    for batch in _BATCH_SIZES.value or [_CONFIG.value.train.batch_size]:
+      out.append(("config", _CONFIG.value, int(batch)))
+  if not out:
+    raise app.UsageError("give --sizes and/or --config.")
+  timed = []
+  for label, config, batch in out:
+    config = config.copy_and_resolve_references()
+    config.train.batch_size, config.train.grad_accum_steps = batch, 1
+    timed.append((label, config))
+  return timed
 
 
 def measure_matmul_peak_flops(n: int = 2048, reps: int = 7) -> float:
@@ -100,8 +108,9 @@ def time_train_step(config, warmup: int, steps: int) -> dict:
   """Builds the trainer's state and step for `config`; returns compile time and step times."""
   mesh = sharding.make_mesh(config.mesh)
   model_cfg = train.validate_config(config, jax.device_count())
-  state, state_shardings = train.create_train_state(config, mesh, jax.random.key(0))
-  step = train.make_train_step(config, mesh, state_shardings)
+  trainer = train.Trainer.build(config, mesh)
+  state, state_shardings = train.create_train_state(trainer, jax.random.key(0))
+  step = train.make_train_step(trainer, state_shardings)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, model_cfg.vocab_size, (config.train.batch_size, model_cfg.seq_len))
   batch = sharding.global_batch({"tokens": tokens.astype(np.int32)}, mesh)
@@ -123,37 +132,30 @@ def time_train_step(config, warmup: int, steps: int) -> dict:
           "times": times, "loss": loss}
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--sizes", default="s:1,8x256x8:4",
-                 help="comma list of SIZE[:BATCH]; SIZE = s|m|l|xl, LxDxH or a config .py")
-  p.add_argument("--batch", type=int, default=1, help="batch where SIZE has none")
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--steps", type=int, default=8)
-  p.add_argument("--peak_gflops", type=float, default=0.0,
-                 help="peak GFLOP/s per device for MFU (default: table, or measured on CPU)")
-  args = p.parse_args()
-
-  sizes = parse_sizes(args.sizes, args.batch)
-  peak, peak_src = peak_flops(args.peak_gflops)
+def main(argv):
+  del argv
+  sizes = configs_to_time()
+  peak, peak_src = peak_flops(_PEAK_GFLOPS.value)
   dev = jax.devices()[0]
   print(f"jax {jax.__version__} on {jax.device_count()} x {dev.platform}:{dev.device_kind}; "
-        f"peak {peak / 1e9:.0f} GFLOP/s/device ({peak_src}); median of {args.steps} steps "
-        f"after {args.warmup} warm-up; FLOPs = 6N + 12LdT per token (fwd+bwd)")
-  print(f"{'config':<14} {'batch':>5} {'compile_s':>9} {'ms/step':>9} {'min_ms':>9} "
-        f"{'spread%':>8} {'tokens/s':>9} {'images/s':>9} {'GFLOP/s':>8} {'MFU%':>6} {'loss':>7}")
+        f"peak {peak / 1e9:.0f} GFLOP/s/device ({peak_src}); median of {_STEPS.value} steps "
+        f"after {_WARMUP.value} warm-up; FLOPs = 6N + 12LdT per token (fwd+bwd)")
+  print(f"{'config':<14} {'batch':>5} {'dtype':>8} {'attn':>7} {'compile_s':>9} {'ms/step':>9} "
+        f"{'min_ms':>9} {'spread%':>8} {'tokens/s':>9} {'images/s':>9} {'GFLOP/s':>8} "
+        f"{'MFU%':>6} {'loss':>7}")
   for label, config in sizes:
-    r = time_train_step(config, args.warmup, args.steps)
+    r = time_train_step(config, _WARMUP.value, _STEPS.value)
     cfg: ModelConfig = r["model_cfg"]
     med = statistics.median(r["times"])
     spread = 100 * (max(r["times"]) - min(r["times"])) / med
     batch = config.train.batch_size
     tok_s = batch * cfg.seq_len / med
-    flop_s = tok_s * train.flops_per_token(cfg)
+    flop_s = tok_s * metrics.flops_per_token(cfg)
     mfu = flop_s / (peak * r["devices"])
-    print(f"{label:<14} {batch:>5} {r['compile_s']:>9.1f} {1e3 * med:>9.1f} "
+    print(f"{label:<14} {batch:>5} {cfg.dtype:>8} {cfg.attention_implementation():>7} "
+          f"{r['compile_s']:>9.1f} {1e3 * med:>9.1f} "
           f"{1e3 * min(r['times']):>9.1f} {spread:>8.1f} {tok_s:>9.1f} {batch / med:>9.3f} "
           f"{flop_s / 1e9:>8.1f} {100 * mfu:>6.1f} {r['loss']:>7.3f}", flush=True)
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -13,7 +13,6 @@ def get_config():
   c.data.val_examples = 200
   c.data.palette_size = 16
   c.data.palette_fit_pixels = 100_000
-  c.model.vocab_size = 16
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50
   c.train.batch_size = 64

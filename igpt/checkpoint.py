@@ -1,7 +1,10 @@
 """Checkpoints as a thin wrapper over Orbax; the only module in igpt that imports it.
 
-Step N lives in `<directory>/N/` and holds two items: ``state`` (the train-state pytree of
-jax.Arrays, written with StandardSave) and ``extra`` (a JSON dict: data position, config...).
+Step N lives in `<directory>/N/` and holds up to three items: ``params`` (the model's
+params), ``train_state`` (the rest of the trainer's state dict: optimiser moments, step
+counter; absent for an imported model) and ``extra`` (a JSON dict: data position, config...).
+Array items are written with StandardSave. A reader that needs only the params restores the
+``params`` item and never reads the optimiser's bytes.
 Orbax writes a step into `<directory>/N.orbax-checkpoint-tmp/` and renames it to `N/` only after
 every process has written all of it, and an old step is deleted only after the new one is
 renamed. So a process killed at any point leaves only whole checkpoints under plain step names;
@@ -27,8 +30,27 @@ def _leaf_name(path) -> str:
   return ".".join(str(k) for k in keys)
 
 
+PARAMS_ITEM = "params"
+REST_ITEM = "train_state"  # every other top-level key of the state dict
+EXTRA_ITEM = "extra"
+
+
+def _split(state: dict) -> dict:
+  """{'params': ..., 'train_state': {other keys}} without empty items."""
+  items = {}
+  if PARAMS_ITEM in state:
+    items[PARAMS_ITEM] = state[PARAMS_ITEM]
+  rest = {k: v for k, v in state.items() if k != PARAMS_ITEM}
+  if rest:
+    items[REST_ITEM] = rest
+  return items
+
+
 class Checkpointer:
-  """Saves and restores `(state, extra)` under one directory, keeping the newest `keep` steps."""
+  """Saves and restores `(state, extra)` under one directory, keeping the newest `keep` steps.
+
+  `state` is a dict of pytrees (the trainer's {'params', 'opt', 'step'}, or {'params'} alone).
+  """
 
   def __init__(self, directory: str, keep: int):
     self.directory = os.path.abspath(directory)  # errors then name a path that works anywhere
@@ -36,10 +58,10 @@ class Checkpointer:
     # Async saving (Orbax's default): `save` returns once the arrays are copied to host memory.
     # Naming the handlers lets a fresh process read item metadata before any save.
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "extra": ocp.JsonCheckpointHandler()})
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep),
+        item_handlers={PARAMS_ITEM: ocp.StandardCheckpointHandler(),
+                       REST_ITEM: ocp.StandardCheckpointHandler(),
+                       EXTRA_ITEM: ocp.JsonCheckpointHandler()})
 
   def all_steps(self) -> list[int]:
     """Finalised steps on disk, oldest first."""
@@ -58,29 +80,45 @@ class Checkpointer:
     latest saved one is skipped unless `force` (which fails if that step already exists).
     """
     json.dumps(extra)  # Fail here, not in the background writer, on a non-JSON value.
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)), force=force)
+    args = {name: ocp.args.StandardSave(tree) for name, tree in _split(state).items()}
+    self._manager.save(step, args=ocp.args.Composite(**args, extra=ocp.args.JsonSave(extra)),
+                       force=force)
 
   def restore(self, step: int, abstract_state):
     """Reads `step` as `(state, extra)`, laid out as `abstract_state` says.
 
-    `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set, e.g.
+    `abstract_state` is a dict of pytrees of jax.ShapeDtypeStruct with `.sharding` set, e.g.
     `jax.eval_shape(init)` plus the trainer's shardings; its mesh may differ from the one the
-    checkpoint was saved from. Raises ValueError for a missing step or a mismatching tree.
+    checkpoint was saved from. Only the items named by its keys are read (`{"params": ...}`
+    reads no optimiser state). Raises ValueError for a missing step or a mismatching tree.
     """
     steps = self.all_steps()
     if step not in steps:
       raise ValueError(f"No checkpoint for step {step} in {self.directory}; "
                        f"available steps: {steps or 'none'}.")
     self._check_tree(step, abstract_state)
+    items = _split(abstract_state)
+    args = {name: ocp.args.StandardRestore(tree) for name, tree in items.items()}
     out = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
-    return out["state"], out["extra"]
+        **args, extra=ocp.args.JsonRestore()))
+    state = dict(out[REST_ITEM]) if REST_ITEM in items else {}
+    if PARAMS_ITEM in items:
+      state[PARAMS_ITEM] = out[PARAMS_ITEM]
+    return {k: state[k] for k in abstract_state}, out[EXTRA_ITEM]
+
+  def has_train_state(self, step: int) -> bool:
+    """Whether `step` holds optimiser state (an imported, params-only run does not)."""
+    return os.path.isdir(os.path.join(self.directory, str(step), REST_ITEM))
 
   def _check_tree(self, step: int, abstract_state) -> None:
     """Raises a ValueError naming every leaf where the checkpoint and target disagree."""
-    saved = self._manager.item_metadata(step)["state"]
-    saved = {_leaf_name(p): tuple(m.shape) for p, m in jax.tree.leaves_with_path(saved)}
+    metadata = self._manager.item_metadata(step)
+    saved = {}
+    for name, tree in _split(abstract_state).items():
+      on_disk = metadata[name] if os.path.isdir(os.path.join(self.directory, str(step), name)) else None
+      if on_disk is not None:
+        named = {PARAMS_ITEM: on_disk} if name == PARAMS_ITEM else on_disk
+        saved.update({_leaf_name(p): tuple(m.shape) for p, m in jax.tree.leaves_with_path(named)})
     wanted = {_leaf_name(p): tuple(s.shape)
               for p, s in jax.tree.leaves_with_path(abstract_state)}
     problems = sorted(

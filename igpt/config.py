@@ -1,7 +1,4 @@
-"""The run config shared by every entry point.
-
-One file serves them all: `probe` and `sample` hold the settings of the probe and sampling
-entry points, which are not in the repository yet (train.py reads the rest).
+"""The run config: one ml_collections ConfigDict per run, built by the files in `configs/`.
 
 Each file in `configs/` calls `base_config(...)` with its model size and overrides what
 differs. Every number with a unit carries it in its name (`total_steps`, `warmup_steps`).
@@ -22,7 +19,11 @@ def base_config(*, num_layers: int, d_model: int, num_heads: int, image_side: in
 
   c.model = ml_collections.ConfigDict(dict(
       num_layers=num_layers, d_model=d_model, num_heads=num_heads, image_side=image_side,
-      vocab_size=512, dtype="float32", remat=False))
+      dtype="float32",  # compute dtype (float32 | bfloat16 | float16); params stay float32
+      remat=False,  # rematerialise each block in the backward pass (less memory, more FLOPs)
+      # auto: our blocked kernel on CPU, cuDNN flash attention on GPU in half precision
+      # (else XLA), XLA on TPU; or force one of blocked | xla | cudnn.
+      attention="auto"))
   c.model.update(model_overrides)
 
   c.data = ml_collections.ConfigDict(dict(
@@ -41,6 +42,8 @@ def base_config(*, num_layers: int, d_model: int, num_heads: int, image_side: in
       palette_size=512,
       palette_fit_pixels=1_000_000,
   ))
+  # Output classes; 0 = one per palette colour (data.palette_size).
+  c.model.vocab_size = 0
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
@@ -66,10 +69,6 @@ def base_config(*, num_layers: int, d_model: int, num_heads: int, image_side: in
   # (("embed", None),) to replicate params over fsdp (plain data parallelism).
   c.sharding_rules = ()
   c.distributed = False  # call jax.distributed.initialize() (multi-host)
-
-  c.probe = ml_collections.ConfigDict(dict(layer=-1, batch_size=64))
-  c.sample = ml_collections.ConfigDict(dict(num_samples=8, temperature=1.0, top_k=0,
-                                            prompt_rows=0))
   return c
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -57,11 +58,44 @@ def flops_per_token(cfg: ModelConfig) -> float:
   return 6.0 * matmul_params + 12.0 * n_layers * d * seq
 
 
-class MetricsWriter:
-  """Appends one JSON object per line to `workdir/metrics.jsonl` (process 0 only)."""
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+  """Turns a measured steps/s into tokens/s, images/s, model TFLOP/s per device, MFU, ETA."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+  tokens_per_step: int
+  images_per_step: int
+  flops_per_step: float
+  num_devices: int
+  peak_flops_per_device: float | None  # None: unknown device, no MFU
+
+  def __call__(self, steps_per_s: float, steps_left: int) -> dict:
+    model_flops_per_device = self.flops_per_step * steps_per_s / self.num_devices
+    out = {"tokens_per_s": self.tokens_per_step * steps_per_s,
+           "images_per_s": self.images_per_step * steps_per_s,
+           "model_tflops_per_s_per_device": model_flops_per_device / 1e12,
+           "eta_s": steps_left / steps_per_s}
+    if self.peak_flops_per_device:
+      out["mfu"] = model_flops_per_device / self.peak_flops_per_device
+    return out
+
+
+def log_memory(compiled) -> None:
+  """Logs a compiled step's per-device memory use, where the backend reports it."""
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001  (not every backend implements it)
+    return
+  if mem is not None:
+    log("Train step memory per device: args %.1f MiB, temps %.1f MiB, output %.1f MiB.",
+        mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20,
+        mem.output_size_in_bytes / 2**20)
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to a metrics.jsonl file (process 0 only)."""
+
+  def __init__(self, path: str, enabled: bool = True):
+    self.path = path
     self.enabled = enabled
 
   def truncate_after(self, step: int) -> None:

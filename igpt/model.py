@@ -1,21 +1,26 @@
 """The iGPT transformer (Chen et al. 2020) as pure Flax Linen modules.
 
-`IGPT(...).init(rng, tokens)` gives the params pytree; `IGPT(...).apply(params, tokens)`
-returns `(logits_BxLxV, hidden)` where `hidden` maps names to activations:
+`init_params(cfg, rng)` gives the params pytree; `apply(cfg, params, tokens_BxL)` returns
+`(logits_BxLxV, hidden)`, where logit i predicts token i (SOS is prepended inside the model)
+and `hidden` maps names to activations, named like the params that produce them:
 
 - ``"embed"``: the block input (SOS-shifted token embeddings + positions),
-- ``"block_{i}"``: the residual stream after block i (raw, not normalised),
+- ``"h_{i}"``: the residual stream after block i (the output of params ``h_{i}``; raw, not
+  normalised),
 - ``"ln_f"``: the final normalised stream the output head reads.
 
+Decode mode (`init_cache`, `decode`) runs the same params one or a few positions at a time
+over a key/value cache, for sampling.
+
 Every param and activation carries logical axis names (``batch``, ``length``, ``embed``,
-``heads``, ``kv``, ``mlp``, ``vocab``, ``layers``); `igpt.sharding` maps them to mesh axes.
-Without a mesh they are no-ops, so the same module runs on one CPU.
+``heads``, ``kv``, ``mlp``, ``vocab``); `igpt.sharding` maps them to mesh axes. Without a mesh
+they are no-ops, so the same module runs on one CPU. The kernels (attention implementations,
+the MLP and norm with hand-written backward passes) live in `igpt.kernels`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -23,9 +28,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from igpt import kernels
+
 Dtype = Any
-NORM_EPS = 1e-5
-SOS_ID = 512  # Hugging Face's row for the start-of-sequence vector.
+NORM_EPS = kernels.NORM_EPS
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,39 +44,46 @@ class ModelConfig:
   num_heads: int
   seq_len: int
   vocab_size: int = 512
-  causal: bool = True  # False: the BERT objective (no mask, no SOS shift).
+  causal: bool = True  # False: bidirectional (the BERT objective: no mask, no SOS shift).
   dtype: str = "float32"  # compute dtype; params are always float32
   remat: bool = False  # rematerialise each block in the backward pass
+  attention: str = "auto"  # auto | blocked | xla | cudnn (see kernels.resolve_attention)
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
       raise ValueError(
           f"model.d_model={self.d_model} is not divisible by model.num_heads="
           f"{self.num_heads}; pick a head count that divides the width.")
-    if self.dtype not in ("float32", "bfloat16", "float16"):
-      raise ValueError(f"model.dtype={self.dtype!r}: use 'float32', 'bfloat16' or 'float16'.")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"model.dtype={self.dtype!r}: use one of {list(DTYPES)}.")
+    if self.attention not in kernels.ATTENTION_CHOICES:
+      raise ValueError(f"model.attention={self.attention!r} is unknown: use one of "
+                       f"{list(kernels.ATTENTION_CHOICES)}.")
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
 
   @classmethod
-  def from_config(cls, config) -> "ModelConfig":
-    """Builds from a run config (`config.model`, `config.objective`)."""
-    m = config.model
-    objective = config.get("objective", "ar")
-    if objective not in ("ar", "bert"):
-      raise ValueError(f"objective={objective!r} is unknown: use 'ar' or 'bert'.")
+  def from_config(cls, model_config, *, causal: bool, vocab_size: int) -> "ModelConfig":
+    """Builds from a run config's `model` section; `causal` comes from the objective and
+    `vocab_size` from `model.vocab_size` or the palette (see `igpt.run.model_config`)."""
+    m = model_config
     return cls(num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
-               seq_len=m.image_side**2, vocab_size=m.vocab_size,
-               causal=objective == "ar", dtype=m.get("dtype", "float32"),
-               remat=m.get("remat", False))
+               seq_len=m.image_side**2, vocab_size=vocab_size, causal=causal,
+               dtype=m.get("dtype", "float32"), remat=m.get("remat", False),
+               attention=m.get("attention", "auto"))
+
+  def attention_implementation(self, backend: str | None = None) -> str:
+    """The attention kernel this config runs on `backend` (default: JAX's)."""
+    return kernels.resolve_attention(self.attention, self.dtype, self.head_dim,
+                                     backend or jax.default_backend())
 
 
 def param_count(cfg: ModelConfig) -> int:
   """Parameters of `cfg` in the original (bias-free) layout, counted without allocating."""
   tokens = jax.ShapeDtypeStruct((1, cfg.seq_len), jnp.int32)
-  shapes = jax.eval_shape(lambda: IGPT(cfg).init(jax.random.key(0), tokens))
+  shapes = jax.eval_shape(lambda t: IGPT(cfg).init(jax.random.key(0), t), tokens)
   return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
@@ -79,137 +93,6 @@ def _constrain(x, names):
 
 def _normal(stddev):
   return nn.initializers.normal(stddev=stddev)
-
-
-# Query rows per block of the blocked attention. On a 2-core AVX-512 CPU, 128 was fastest:
-# attention fwd+bwd at head_dim 32 took 17% longer with 64 and 60% longer with 256; the
-# iGPT-S train step was 22% slower with 64 and the same with 256.
-ATTENTION_BLOCK = 128
-
-
-def _causal_mask(num_q, num_k, q_start):
-  """True where query q_start + i may attend to key j (j <= q_start + i)."""
-  q_i = jax.lax.broadcasted_iota(jnp.int32, (num_q, num_k), 0) + q_start
-  k_j = jax.lax.broadcasted_iota(jnp.int32, (num_q, num_k), 1)
-  return k_j <= q_i
-
-
-def _attention_fwd_parts(q, k, v, q_start, causal):
-  """q [B,H,C,K] (pre-scaled), k/v [B,H,S,K] -> (o, e, l) with e = exp(s - max), l = sum e."""
-  s = jnp.einsum("bhqk,bhsk->bhqs", q, k)
-  if causal:
-    s = jnp.where(_causal_mask(q.shape[2], k.shape[2], q_start), s, -1e30)
-  m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-  e = jnp.exp(s - m)
-  l = jnp.sum(e, axis=-1, keepdims=True)
-  # Normalise the [C,K] output rather than the [C,S] probabilities: one pass fewer over S.
-  return jnp.einsum("bhqs,bhsk->bhqk", e, v) / l, e, l
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _attention_block(q, k, v, q_start, causal):
-  return _attention_fwd_parts(q, k, v, q_start, causal)[0]
-
-
-def _attention_block_fwd(q, k, v, q_start, causal):
-  o, e, l = _attention_fwd_parts(q, k, v, q_start, causal)
-  return o, (q, k, v, o, e, l)
-
-
-def _attention_block_bwd(q_start, causal, res, do):
-  # The softmax backward with the [C,S] passes cut to the minimum: rowsum(p * dp) is
-  # rowsum(do * o) (a [C,K] product), and 1/l is folded into do instead of into e.
-  q, k, v, o, e, l = res
-  do_l = do / l
-  dv = jnp.einsum("bhqs,bhqk->bhsk", e, do_l)
-  dp = jnp.einsum("bhqk,bhsk->bhqs", do_l, v)
-  delta = jnp.sum(do * o, axis=-1, keepdims=True) / l
-  ds = e * (dp - delta)
-  dq = jnp.einsum("bhqs,bhsk->bhqk", ds, k)
-  dk = jnp.einsum("bhqs,bhqk->bhsk", ds, q)
-  return dq, dk, dv
-
-
-_attention_block.defvjp(_attention_block_fwd, _attention_block_bwd)
-
-
-def blocked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal, block=ATTENTION_BLOCK):
-  """Softmax attention for CPUs: exact (no online softmax), with a lean custom backward.
-
-  Causal queries are taken `block` rows at a time against only the keys up to the block's
-  last row, which skips nearly half of the L x L scores and their exp/backward passes.
-  """
-  scale = 1 / math.sqrt(q_BxLxHxK.shape[-1])
-  # Scores, softmax and their gradients in float32 whatever the compute dtype.
-  dtype = q_BxLxHxK.dtype
-  q, k, v = (jnp.swapaxes(x.astype(jnp.float32), 1, 2) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
-  q = q * scale
-  length = q.shape[2]
-  if not causal or length <= block:
-    o_BxHxLxK = _attention_block(q, k, v, 0, causal)
-  else:
-    outs = []
-    for start in range(0, length, block):
-      end = min(start + block, length)
-      outs.append(_attention_block(q[:, :, start:end], k[:, :, :end], v[:, :, :end], start, causal))
-    o_BxHxLxK = jnp.concatenate(outs, axis=2)
-  return jnp.swapaxes(o_BxHxLxK, 1, 2).astype(dtype)
-
-
-def _quick_gelu(h):
-  return h * jax.nn.sigmoid(1.702 * h)
-
-
-@jax.custom_vjp
-def _mlp(x_BxLxD, w_fc, w_proj):
-  """quick_gelu(x @ w_fc) @ w_proj, with a hand-written backward (see `_mlp_bwd`)."""
-  return _mlp_fwd(x_BxLxD, w_fc, w_proj)[0]
-
-
-def _mlp_fwd(x_BxLxD, w_fc, w_proj):
-  h_BxLxF = _constrain(x_BxLxD @ w_fc, ("batch", "length", "mlp"))
-  return _quick_gelu(h_BxLxF) @ w_proj, (x_BxLxD, h_BxLxF, w_fc, w_proj)
-
-
-def _mlp_bwd(res, dy_BxLxD):
-  # Autodiff's backward made XLA:CPU transpose the [B*L, 4d] gradient (a slow strided copy)
-  # before the weight-gradient matmul; this one contracts the token axes directly and runs
-  # the whole MLP forward + backward ~2x faster on CPU. Same math, recomputes the sigmoid.
-  x_BxLxD, h_BxLxF, w_fc, w_proj = res
-  sig_BxLxF = jax.nn.sigmoid(1.702 * h_BxLxF)
-  a_BxLxF = h_BxLxF * sig_BxLxF
-  dw_proj = jnp.einsum("blf,bld->fd", a_BxLxF, dy_BxLxD)
-  da_BxLxF = dy_BxLxD @ w_proj.T
-  dh_BxLxF = da_BxLxF * (sig_BxLxF + 1.702 * a_BxLxF * (1 - sig_BxLxF))
-  dw_fc = jnp.einsum("bld,blf->df", x_BxLxD, dh_BxLxF)
-  return dh_BxLxF @ w_fc.T, dw_fc, dw_proj
-
-
-_mlp.defvjp(_mlp_fwd, _mlp_bwd)
-
-
-@jax.custom_vjp
-def _rms_norm(x, g):
-  """x * rsqrt(mean(x^2) + eps) * g over the last axis (float32), hand-written backward."""
-  return _rms_norm_fwd(x, g)[0]
-
-
-def _rms_norm_fwd(x, g):
-  r = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + NORM_EPS)
-  return x * r * g, (x, r, g)
-
-
-def _rms_norm_bwd(res, dy):
-  # One fused pass per output instead of autodiff's chain of broadcasts and reductions
-  # (the norms' backward was ~10% of the iGPT-S step on CPU).
-  x, r, g = res
-  dyg = dy * g
-  dg = jnp.sum((dy * x * r).reshape(-1, x.shape[-1]), axis=0)
-  dx = r * (dyg - x * (r * r) * jnp.mean(dyg * x, axis=-1, keepdims=True))
-  return dx, dg
-
-
-_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 class RMSNorm(nn.Module):
@@ -222,14 +105,17 @@ class RMSNorm(nn.Module):
     g = self.param("g", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                    (x.shape[-1],), jnp.float32)
     # Statistics in float32 even under bfloat16 compute.
-    return _rms_norm(x.astype(jnp.float32), g).astype(self.dtype)
+    return kernels.rms_norm(x.astype(jnp.float32), g).astype(self.dtype)
 
 
 class Attention(nn.Module):
+  """Multi-head causal (or bidirectional) attention; `decode` keeps a key/value cache."""
+
   cfg: ModelConfig
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD):
+  def __call__(self, x_BxLxD, start):
     cfg = self.cfg
     d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
     dtype = jnp.dtype(cfg.dtype)
@@ -246,17 +132,28 @@ class Attention(nn.Module):
     v_BxLxHxK = proj("v", 1 / math.sqrt(d))
     names = ("batch", "length", "heads", "kv")
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (_constrain(t, names) for t in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
-    if jax.default_backend() == "cpu":
-      o_BxLxHxK = blocked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.causal)
+    if self.decode:
+      o_BxLxHxK = self._cached(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, start)
     else:
-      o_BxLxHxK = jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=1 / math.sqrt(hd), is_causal=cfg.causal)
+      o_BxLxHxK = kernels.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.causal,
+                                    cfg.attention_implementation())
     o_BxLxHxK = _constrain(o_BxLxHxK, names)
     w_out = self.param(
         "c_proj",
         nn.with_logical_partitioning(_normal(1 / math.sqrt(d * cfg.num_layers)), ("heads", "kv", "embed")),
         (h, hd, d), jnp.float32)
     return jnp.einsum("blhk,hkd->bld", o_BxLxHxK, w_out.astype(dtype))
+
+  def _cached(self, q_BxCxHxK, k_BxCxHxK, v_BxCxHxK, start):
+    """Writes this chunk's keys/values at [start, start+C) and attends over the cache."""
+    batch, _, h, hd = k_BxCxHxK.shape
+    shape, dtype = (batch, self.cfg.seq_len, h, hd), k_BxCxHxK.dtype
+    cache_k = self.variable("cache", "k", jnp.zeros, shape, dtype)
+    cache_v = self.variable("cache", "v", jnp.zeros, shape, dtype)
+    at = (0, start, 0, 0)
+    cache_k.value = jax.lax.dynamic_update_slice(cache_k.value, k_BxCxHxK, at)
+    cache_v.value = jax.lax.dynamic_update_slice(cache_v.value, v_BxCxHxK, at)
+    return kernels.cached_attention(q_BxCxHxK, cache_k.value, cache_v.value, start)
 
 
 class MLP(nn.Module):
@@ -270,58 +167,75 @@ class MLP(nn.Module):
                       (d, 4 * d), jnp.float32)
     w_proj = self.param("c_proj", nn.with_logical_partitioning(_normal(0.02), ("mlp", "embed")),
                         (4 * d, d), jnp.float32)
-    return _mlp(x_BxLxD, w_fc.astype(dtype), w_proj.astype(dtype))
+    return kernels.mlp(x_BxLxD, w_fc.astype(dtype), w_proj.astype(dtype))
 
 
 class Block(nn.Module):
   """Pre-norm GPT-2 block: a = h + Attn(ln_1(h)); h = a + MLP(ln_2(a))."""
 
   cfg: ModelConfig
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, h_BxLxD):
+  def __call__(self, h_BxLxD, start):
     dtype = jnp.dtype(self.cfg.dtype)
-    a_BxLxD = h_BxLxD + Attention(self.cfg, name="attn")(RMSNorm(dtype, name="ln_1")(h_BxLxD))
+    attn = Attention(self.cfg, self.decode, name="attn")
+    a_BxLxD = h_BxLxD + attn(RMSNorm(dtype, name="ln_1")(h_BxLxD), start)
     out_BxLxD = a_BxLxD + MLP(self.cfg, name="mlp")(RMSNorm(dtype, name="ln_2")(a_BxLxD))
     return _constrain(out_BxLxD, ("batch", "length", "embed"))
 
 
 class IGPT(nn.Module):
-  """iGPT decoder. Call with int tokens [B, L] (L <= seq_len) in [0, vocab_size).
+  """iGPT decoder over int tokens in [0, vocab_size).
 
-  `keep_BxL` (BERT only): False where a token is masked; its embedding is zeroed.
+  Full pass (`decode=False`): `tokens_BxL` are the image's first L tokens; logit i predicts
+  token i. `keep_BxL` (non-causal models only): False where a token is masked (embedding zeroed).
+
+  Decode mode (`decode=True`, causal only): `tokens_BxC` are the tokens *before* positions
+  start .. start+C-1 (token p-1 for position p; ignored at position 0, which reads SOS), so
+  logit i predicts the token at position start+i. Keys and values go to the `cache` collection.
   """
 
   cfg: ModelConfig
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, tokens_BxL, keep_BxL=None):
+  def __call__(self, tokens_BxL, keep_BxL=None, start=0):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     batch, length = tokens_BxL.shape
     if length > cfg.seq_len:
       raise ValueError(f"got {length} tokens but the model has {cfg.seq_len} positions.")
+    if self.decode and not cfg.causal:
+      raise ValueError("decode mode needs a causal (autoregressive) model.")
     wte = self.param("wte", nn.with_logical_partitioning(_normal(0.02), ("vocab", "embed")),
                      (cfg.vocab_size, cfg.d_model), jnp.float32)
     wpe = self.param("wpe", nn.with_logical_partitioning(_normal(0.01), ("length", "embed")),
                      (cfg.seq_len, cfg.d_model), jnp.float32)
-    x_BxLxD = jnp.take(wte, tokens_BxL, axis=0)
     if cfg.causal:
-      # Prepend SOS and drop the last pixel, so logit i predicts token i (no shift in the loss).
       sos = self.param("sos", nn.with_logical_partitioning(_normal(0.02), ("embed",)),
                        (cfg.d_model,), jnp.float32)
-      sos_Bx1xD = jnp.broadcast_to(sos, (batch, 1, cfg.d_model))
-      x_BxLxD = jnp.concatenate([sos_Bx1xD, x_BxLxD[:, :-1]], axis=1)
-    elif keep_BxL is not None:
-      x_BxLxD = x_BxLxD * keep_BxL[..., None].astype(x_BxLxD.dtype)
-    h_BxLxD = (x_BxLxD + wpe[:length]).astype(dtype)
+      if self.decode:
+        prev_BxL = tokens_BxL
+      else:
+        # Input p is token p-1: logit i then predicts token i (no shift in the loss).
+        prev_BxL = jnp.pad(tokens_BxL[:, :-1], ((0, 0), (1, 0)))
+      position_L = start + jnp.arange(length)
+      x_BxLxD = jnp.where((position_L == 0)[None, :, None], sos,
+                          jnp.take(wte, prev_BxL, axis=0))
+    else:
+      x_BxLxD = jnp.take(wte, tokens_BxL, axis=0)
+      if keep_BxL is not None:
+        x_BxLxD = x_BxLxD * keep_BxL[..., None].astype(x_BxLxD.dtype)
+    wpe_LxD = jax.lax.dynamic_slice_in_dim(wpe, start, length, axis=0)
+    h_BxLxD = (x_BxLxD + wpe_LxD).astype(dtype)
     h_BxLxD = _constrain(h_BxLxD, ("batch", "length", "embed"))
 
     hidden = {"embed": h_BxLxD}
-    block_cls = nn.remat(Block) if cfg.remat else Block
+    block_cls = nn.remat(Block) if cfg.remat and not self.decode else Block
     for i in range(cfg.num_layers):
-      h_BxLxD = block_cls(cfg, name=f"h_{i}")(h_BxLxD)
-      hidden[f"block_{i}"] = h_BxLxD
+      h_BxLxD = block_cls(cfg, self.decode, name=f"h_{i}")(h_BxLxD, start)
+      hidden[f"h_{i}"] = h_BxLxD
     h_BxLxD = RMSNorm(dtype, name="ln_f")(h_BxLxD)
     hidden["ln_f"] = h_BxLxD
 
@@ -344,8 +258,28 @@ def apply(cfg: ModelConfig, params, tokens_BxL, keep_BxL=None):
   return IGPT(cfg).apply({"params": params}, tokens_BxL, keep_BxL)
 
 
+def init_cache(cfg: ModelConfig, batch_size: int) -> dict:
+  """An empty key/value cache for `decode`: per block, k and v [B, seq_len, H, K] zeros."""
+  tokens = jax.ShapeDtypeStruct((batch_size, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda t: IGPT(cfg, decode=True).init(jax.random.key(0), t), tokens)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.meta.unbox(shapes["cache"]))
+
+
+def decode(cfg: ModelConfig, params, cache, prev_tokens_BxC, start):
+  """Runs positions start .. start+C-1 through the cache: returns (logits_BxCxV, new cache).
+
+  `prev_tokens_BxC[:, i]` is the token at position start+i-1 (any value at position 0, which
+  reads SOS); logit i predicts the token at position start+i. `start` may be traced. Feeding
+  a prompt t_0..t_{n-1} as [0, t_0, ..., t_{n-1}] from start 0 (n+1 positions) leaves the
+  cache ready and logit n predicting the first unknown token.
+  """
+  (logits_BxCxV, _), mutated = IGPT(cfg, decode=True).apply(
+      {"params": params, "cache": cache}, prev_tokens_BxC, None, start, mutable=["cache"])
+  return logits_BxCxV, mutated["cache"]
+
+
 def logical_axes(cfg: ModelConfig):
   """The params pytree with each leaf replaced by its tuple of logical axis names."""
   tokens = jax.ShapeDtypeStruct((1, cfg.seq_len), jnp.int32)
-  boxed = jax.eval_shape(lambda: IGPT(cfg).init(jax.random.key(0), tokens))["params"]
+  boxed = jax.eval_shape(lambda t: IGPT(cfg).init(jax.random.key(0), t), tokens)["params"]
   return nn.get_partition_spec(boxed)

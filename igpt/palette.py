@@ -53,7 +53,8 @@ def _unpack_unit(codes: np.ndarray) -> np.ndarray:
   return rgb / np.float32(127.5) - np.float32(1.0)
 
 
-def _check_centers(centers, what: str = "centers") -> np.ndarray:
+def check_palette(centers, what: str = "centers") -> np.ndarray:
+  """`centers` as float32 (k, 3) in [-1, 1]; a ValueError naming `what` otherwise."""
   centers = np.asarray(centers)
   if centers.ndim != 2 or centers.shape[1] != 3 or not 1 <= centers.shape[0] <= MAX_PALETTE_SIZE:
     raise ValueError(f"{what} must have shape (k, 3) with 1 <= k <= {MAX_PALETTE_SIZE}; "
@@ -171,7 +172,7 @@ def encode(images, centers) -> np.ndarray:
   Images are not resized here: resize them to the model's side first (`igpt.data` does).
   """
   images = _check_images(images)
-  centers = _check_centers(centers)
+  centers = check_palette(centers)
   codes = _pack(images).reshape(-1)
   table = _TABLES.get(centers)
   tokens = np.take(table, codes)
@@ -189,7 +190,7 @@ def encode(images, centers) -> np.ndarray:
 
 def centers_to_rgb(centers) -> np.ndarray:
   """uint8 [k, 3] colours of the centres: rint(127.5 * (c + 1))."""
-  centers = _check_centers(centers)
+  centers = check_palette(centers)
   return np.clip(np.rint(127.5 * (centers.astype(np.float64) + 1)), 0, 255).astype(np.uint8)
 
 
@@ -331,7 +332,7 @@ def fit_palette(pixels, k: int = 512, seed: int = 0, num_iters: int = 50,
 
 def save_palette(path, centers) -> None:
   """Writes centres (k, 3) in [-1, 1] as a float32 `.npy` file, atomically (temp + rename)."""
-  centers = _check_centers(centers)
+  centers = check_palette(centers)
   with fileio.atomic_open(path, "wb") as f:
     np.save(f, centers)
 
@@ -349,6 +350,6 @@ def load_palette(path) -> np.ndarray:
   except Exception as e:  # np.load raises several types for a non-npy or truncated file
     raise ValueError(f"Palette file {path!r} is not a readable .npy array: {e}") from e
   try:
-    return _check_centers(centers, what=f"Palette file {path!r}")
+    return check_palette(centers, what=f"Palette file {path!r}")
   except ValueError as e:
     raise ValueError(f"{e} A palette is a float .npy of shape (k, 3) in [-1, 1].") from None

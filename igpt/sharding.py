@@ -37,7 +37,6 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
     ("kv", None),
     ("length", None),
-    ("layers", None),
 )
 
 # The batch dimension of inputs (tokens, labels) and of every activation.

@@ -3,26 +3,25 @@
     from igpt.train import train_and_evaluate
     final = train_and_evaluate(config, workdir)   # what `python train.py` calls
 
-Phases of `train_and_evaluate` (each a commented block below): processes, config checks,
-workdir, data and palette, mesh, train state (born sharded), checkpoint restore, compiled
-steps, the loop (log / eval / checkpoint), final save.
+Phases of `train_and_evaluate` (each a commented block below): processes, config checks and
+the run's objects (built once), workdir, data and palette, mesh, train state (born sharded),
+checkpoint restore, compiled steps, the loop (log / eval / checkpoint).
 
-Public pieces the benchmark and the other entry points reuse:
-  - `make_optimizer(config)`: optax Adam (beta2 0.95), warm-up + cosine to 0, optional clipping.
-  - `create_train_state(config, mesh, rng) -> (state, state_shardings)`; state is the plain
+Pieces the benchmark and tests reuse:
+  - `Trainer.build(config, mesh)`: the run's objects (model config, objective, optimiser,
+    schedule, sharding rules, mesh), built once and passed to everything below.
+  - `create_train_state(trainer, rng) -> (state, state_shardings)`; the state is the plain
     dict {'params', 'opt', 'step'}, created directly with its final shardings.
-  - `abstract_train_state(config, mesh) -> (abstract_state, state_shardings)` for restores.
-  - `make_train_step(config, mesh, state_shardings)` -> jitted, state-donating
+  - `abstract_train_state(trainer) -> (abstract_state, state_shardings)` for restores.
+  - `make_train_step(trainer, state_shardings)` -> jitted, state-donating
     `step(state, batch, rng) -> (state, metrics)`.
-  - `make_eval_step(config, mesh, state_shardings)` -> jitted
+  - `make_eval_step(trainer, state_shardings)` -> jitted
     `eval(params, batch, rng) -> (loss_sum, num_examples)`; `evaluate` averages over batches.
-  - `flops_per_token(model_cfg)` (re-exported from igpt.metrics).
 """
 
 from __future__ import annotations
 
-import json
-import math
+import dataclasses
 import os
 import time
 from typing import Any
@@ -34,17 +33,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from igpt import fileio, losses, metrics, model, sharding
-from igpt.metrics import flops_per_token  # noqa: F401  (public: used by bench/)
+from igpt import (distributed, guards, losses, metrics, model, objectives, optim, palette,
+                  pipeline, readers, run, sharding)
 from igpt.model import ModelConfig
-
-PALETTE_FILE = "palette.npy"
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss (or the updated params) became NaN or inf; the run stopped without saving."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -56,9 +47,11 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
 
   Cheap and device-free (no compile), so a bad run fails in seconds.
   """
-  model_cfg = ModelConfig.from_config(config)  # also rejects an unknown objective
-  if not model_cfg.causal and not 0.0 < config.bert_mask_prob < 1.0:
+  objective = objectives.get(config.objective)
+  model_cfg = run.model_config(config)
+  if objective.name == "bert" and not 0.0 < config.bert_mask_prob < 1.0:
     raise ValueError(f"bert_mask_prob={config.bert_mask_prob} must be in (0, 1).")
+  model_cfg.attention_implementation()  # a forced kernel that cannot run here
 
   sizes = sharding.mesh_shape(config.mesh, num_devices)
   dp = sharding.data_parallel_size(sizes)
@@ -98,27 +91,29 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
 
 
 # ----------------------------------------------------------------------------------------
-# Optimiser.
+# The run's objects, built once.
 # ----------------------------------------------------------------------------------------
 
-def learning_rate_schedule(config) -> optax.Schedule:
-  """Linear warm-up from 0 to `optim.lr`, then cosine decay to 0 at `train.total_steps`."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.optim.lr, warmup_steps=config.optim.warmup_steps,
-      decay_steps=config.train.total_steps, end_value=0.0)
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """Everything the step builders need, derived once from the run config."""
 
+  model_cfg: ModelConfig
+  objective: objectives.Objective
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  grad_accum_steps: int
+  config: ml_collections.ConfigDict  # for the objective's own settings (bert_mask_prob)
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  """Adam with the paper's beta2 = 0.95 and no weight decay unless `optim.weight_decay` > 0."""
-  o = config.optim
-  schedule = learning_rate_schedule(config)
-  if o.weight_decay > 0:
-    adam = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-  else:
-    adam = optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps)
-  if o.clip_grad_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), adam)
-  return adam
+  @classmethod
+  def build(cls, config, mesh) -> "Trainer":
+    schedule = optim.learning_rate_schedule(config.optim, config.train.total_steps)
+    return cls(model_cfg=run.model_config(config), objective=objectives.get(config.objective),
+               tx=optim.make_optimizer(config.optim, schedule), schedule=schedule, mesh=mesh,
+               rules=sharding.rules_from_config(config),
+               grad_accum_steps=config.train.grad_accum_steps, config=config)
 
 
 # ----------------------------------------------------------------------------------------
@@ -130,18 +125,16 @@ def _init_state(model_cfg: ModelConfig, tx, rng) -> dict:
   return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def abstract_train_state(config, mesh) -> tuple[Any, Any]:
+def abstract_train_state(trainer: Trainer) -> tuple[Any, Any]:
   """Shapes and shardings of the train state, without allocating it.
 
   Returns (abstract_state: ShapeDtypeStructs with `.sharding`, state_shardings). Params follow
   the logical-axis rules; Adam's moments mirror their param; counters are replicated.
   """
-  model_cfg = ModelConfig.from_config(config)
-  tx = make_optimizer(config)
-  shapes = jax.eval_shape(lambda: _init_state(model_cfg, tx, jax.random.key(0)))
-  rules = sharding.rules_from_config(config)
+  mesh, tx = trainer.mesh, trainer.tx
+  shapes = jax.eval_shape(lambda: _init_state(trainer.model_cfg, tx, jax.random.key(0)))
   param_shardings = sharding.logical_to_shardings(
-      model.logical_axes(model_cfg), shapes["params"], mesh, rules)
+      model.logical_axes(trainer.model_cfg), shapes["params"], mesh, trainer.rules)
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, shapes["opt"], param_shardings,
       transform_non_params=lambda _: sharding.replicated(mesh),
@@ -153,16 +146,14 @@ def abstract_train_state(config, mesh) -> tuple[Any, Any]:
   return abstract, shardings
 
 
-def create_train_state(config, mesh, rng) -> tuple[dict, Any]:
-  """A fresh train state laid out on `mesh`: (state, state_shardings).
+def create_train_state(trainer: Trainer, rng) -> tuple[dict, Any]:
+  """A fresh train state laid out on the trainer's mesh: (state, state_shardings).
 
   Init runs under `jax.jit(out_shardings=...)`, so each device only ever materialises its own
   shard of every param and optimiser moment (no full copy on any one device or host).
   """
-  model_cfg = ModelConfig.from_config(config)
-  tx = make_optimizer(config)
-  _, shardings = abstract_train_state(config, mesh)
-  init = jax.jit(lambda r: _init_state(model_cfg, tx, r), out_shardings=shardings)
+  _, shardings = abstract_train_state(trainer)
+  init = jax.jit(lambda r: _init_state(trainer.model_cfg, trainer.tx, r), out_shardings=shardings)
   return init(rng), shardings
 
 
@@ -170,90 +161,62 @@ def create_train_state(config, mesh, rng) -> tuple[dict, Any]:
 # Update and eval steps.
 # ----------------------------------------------------------------------------------------
 
-def _per_example_loss_fn(model_cfg: ModelConfig, objective: str):
-  """f(params, tokens_BxL, keep_BxL) -> (loss, per-example loss [B], example weight [B]).
+def _batch_loss(trainer: Trainer):
+  """loss(params, batch) -> scalar: the objective's weighted mean per-example loss."""
 
-  The weight is 0 for a BERT example with no masked position (it carries no loss), else 1;
-  evaluation multiplies it by the eval batch's padding mask.
-  """
-
-  def loss(params, tokens_BxL, keep_BxL):
-    if objective == "bert":
-      logits_BxLxV, _ = model.apply(model_cfg, params, tokens_BxL, keep_BxL)
-      loss, per_example_B = losses.bert_loss(logits_BxLxV, tokens_BxL, keep_BxL)
-      return loss, per_example_B, (~keep_BxL).any(axis=1).astype(jnp.float32)
-    logits_BxLxV, _ = model.apply(model_cfg, params, tokens_BxL)
-    loss, per_example_B = losses.ar_loss(logits_BxLxV, tokens_BxL)
-    return loss, per_example_B, jnp.ones_like(per_example_B)
+  def loss(params, batch):
+    per_example_B, weight_B = trainer.objective.loss(trainer.model_cfg, params, batch)
+    return objectives.weighted_mean(per_example_B, weight_B)
 
   return loss
 
 
-def _loss_fn(model_cfg: ModelConfig, objective: str):
-  """loss(params, tokens_BxL, keep_BxL) -> scalar, for the configured objective."""
-  per_example = _per_example_loss_fn(model_cfg, objective)
-  return lambda *args: per_example(*args)[0]
-
-
-def _keep_mask(config, rng, tokens_BxL):
-  """BERT: True where the token is visible. AR: all True (unused)."""
-  if config.objective == "bert":
-    return losses.bert_keep_mask(rng, tokens_BxL.shape, config.bert_mask_prob)
-  return jnp.ones(tokens_BxL.shape, jnp.bool_)
-
-
-def make_train_step(config, mesh, state_shardings):
+def make_train_step(trainer: Trainer, state_shardings):
   """The jitted update: `step(state, batch, rng) -> (new_state, metrics)`.
 
-  `batch['tokens']` is an int32 [global_batch, seq_len] array sharded over (data, fsdp)
-  (see `sharding.global_batch`); `rng` is this step's key (`fold_in(key, step)`), used for
-  BERT masks. `state` is donated: its buffers are reused for the new state. With
-  `train.grad_accum_steps` = k the batch is split into k micro-batches of global_batch / k
-  rows (each device keeps its own rows: no data moves) whose gradients are averaged.
-  metrics: loss (nats/token, mean over the batch), grad_norm (before clipping),
-  param_norm (after the update), lr (used by this update), all float32 scalars.
+  `batch` holds the objective's keys (int32 'tokens' [global_batch, seq_len], ...) sharded
+  over (data, fsdp) (see `sharding.global_batch`); `rng` is this step's key
+  (`fold_in(key, step)`), used by the objective (BERT masks). `state` is donated: its buffers
+  are reused for the new state. With `train.grad_accum_steps` = k the batch is split into k
+  micro-batches of global_batch / k rows (each device keeps its own rows: no data moves)
+  whose gradients are averaged. metrics: loss (nats/token, mean over the batch), grad_norm
+  (before clipping), param_norm (after the update), lr (used by this update), float32 scalars.
   """
-  model_cfg = ModelConfig.from_config(config)
-  tx = make_optimizer(config)
-  schedule = learning_rate_schedule(config)
-  rules = sharding.rules_from_config(config)
-  accum = config.train.grad_accum_steps
-  loss_and_grad = jax.value_and_grad(_loss_fn(model_cfg, config.objective))
+  mesh, tx, accum = trainer.mesh, trainer.tx, trainer.grad_accum_steps
+  loss_and_grad = jax.value_and_grad(_batch_loss(trainer))
   micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
       None, sharding.BATCH_AXES))
 
-  def to_micro(x_BxL):
+  def to_micro(x_Bx___):
     # Row r of micro-batch i is row r * accum + i: every device's contiguous block of rows
     # splits into its own share of each micro-batch, so the reshape moves no data.
-    b, l = x_BxL.shape
-    x_KxBxL = x_BxL.reshape(b // accum, accum, l).swapaxes(0, 1)
-    return jax.lax.with_sharding_constraint(x_KxBxL, micro_sharding)
+    b, rest = x_Bx___.shape[0], x_Bx___.shape[1:]
+    x_KxBx___ = x_Bx___.reshape(b // accum, accum, *rest).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x_KxBx___, micro_sharding)
 
   def step(state, batch, rng):
     # Linen's logical constraints need the mesh and the rules while tracing.
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(trainer.rules):
       params = state["params"]
-      tokens_BxL = batch["tokens"]
-      keep_BxL = _keep_mask(config, rng, tokens_BxL)
+      batch = trainer.objective.prepare(batch, rng, trainer.config)
       if accum == 1:
-        loss, grads = loss_and_grad(params, tokens_BxL, keep_BxL)
+        loss, grads = loss_and_grad(params, batch)
       else:
-        def micro_step(carry, xs):
+        def micro_step(carry, micro_batch):
           loss_sum, grad_sum = carry
-          loss, grads = loss_and_grad(params, *xs)
+          loss, grads = loss_and_grad(params, micro_batch)
           return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         (loss, grads), _ = jax.lax.scan(
-            micro_step, (jnp.zeros((), jnp.float32), zeros),
-            (to_micro(tokens_BxL), to_micro(keep_BxL)))
+            micro_step, (jnp.zeros((), jnp.float32), zeros), jax.tree.map(to_micro, batch))
         loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
       updates, opt = tx.update(grads, state["opt"], params)
       params = optax.apply_updates(params, updates)
     new_state = {"params": params, "opt": opt, "step": state["step"] + 1}
     step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                     "param_norm": optax.tree.norm(params),
-                    "lr": jnp.asarray(schedule(state["step"]), jnp.float32)}
+                    "lr": jnp.asarray(trainer.schedule(state["step"]), jnp.float32)}
     return new_state, step_metrics
 
   replicated = sharding.replicated(mesh)
@@ -263,20 +226,18 @@ def make_train_step(config, mesh, state_shardings):
                  donate_argnums=0)
 
 
-def make_eval_step(config, mesh, state_shardings):
+def make_eval_step(trainer: Trainer, state_shardings):
   """Jitted `eval(params, batch, rng) -> (loss_sum, num_examples)` on one held-out batch.
 
-  `batch` holds 'tokens' and 'mask' (float32 [B], 0 for the rows that pad the last eval
-  batch); loss_sum adds the per-example losses (nats/token) of the rows that count.
+  `batch` holds the objective's keys and 'mask' (float32 [B], 0 for the rows that pad the
+  last eval batch); loss_sum adds the per-example losses (nats/token) of the rows that count.
   """
-  model_cfg = ModelConfig.from_config(config)
-  rules = sharding.rules_from_config(config)
-  loss_fn = _per_example_loss_fn(model_cfg, config.objective)
+  mesh = trainer.mesh
 
   def eval_fn(params, batch, rng):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
-      tokens_BxL = batch["tokens"]
-      _, per_example_B, weight_B = loss_fn(params, tokens_BxL, _keep_mask(config, rng, tokens_BxL))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(trainer.rules):
+      batch = trainer.objective.prepare(batch, rng, trainer.config)
+      per_example_B, weight_B = trainer.objective.loss(trainer.model_cfg, params, batch)
       weight_B = weight_B * batch["mask"]
       return (per_example_B * weight_B).sum(), weight_B.sum()
 
@@ -286,10 +247,6 @@ def make_eval_step(config, mesh, state_shardings):
                                replicated),
                  out_shardings=replicated)
 
-
-# ----------------------------------------------------------------------------------------
-# Processes, palette, workdir helpers.
-# ----------------------------------------------------------------------------------------
 
 def run_rngs(config):
   """(init, step, eval) keys, all from `config.seed`; step s uses `fold_in(step_key, s)`.
@@ -301,8 +258,8 @@ def run_rngs(config):
 
 
 def evaluate(eval_step, params, eval_data, eval_rng) -> dict:
-  """Mean held-out loss over the examples of `eval_data` (global batches of 'tokens' and
-  'mask'): nats/token and bits/dim (= nats / ln 2 / 3, per RGB sub-pixel).
+  """Mean held-out loss over the examples of `eval_data` (global batches with 'mask'):
+  nats/token and bits/dim (= nats / ln 2 / 3, per RGB sub-pixel).
 
   Batch i uses `fold_in(eval_rng, i)` (BERT masks), so every evaluation sees the same masks.
   """
@@ -313,27 +270,9 @@ def evaluate(eval_step, params, eval_data, eval_rng) -> dict:
           "eval_examples": int(count)}
 
 
-def maybe_initialize_distributed(config) -> None:
-  """`jax.distributed.initialize` when the config or the environment asks for it.
-
-  Managed clusters (Cloud TPU, SLURM, Open MPI, k8s) are auto-detected by JAX. Elsewhere set
-  JAX_COORDINATOR_ADDRESS=host:port plus JAX_NUM_PROCESSES and JAX_PROCESS_ID (ours).
-  On CPU the cross-process collectives use gloo (jax_cpu_collectives_implementation).
-  """
-  env = os.environ
-  if not (config.get("distributed", False) or env.get("JAX_COORDINATOR_ADDRESS")):
-    return
-  if jax.distributed.is_initialized():
-    return
-  kwargs = {}
-  if env.get("JAX_NUM_PROCESSES"):
-    kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
-  if env.get("JAX_PROCESS_ID"):
-    kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
-  if jax.config.jax_platforms in (None, "", "cpu") and not jax.config.jax_cpu_collectives_implementation:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**kwargs)
-
+# ----------------------------------------------------------------------------------------
+# The run's palette.
+# ----------------------------------------------------------------------------------------
 
 def prepare_palette(config, train_source, workdir: str) -> np.ndarray:
   """The run's palette, stored as workdir/palette.npy so a resumed run encodes the same way.
@@ -341,10 +280,8 @@ def prepare_palette(config, train_source, workdir: str) -> np.ndarray:
   workdir/palette.npy if present (a resumed run), else `data.palette_path` as is, else fitted
   on `data.palette_fit_pixels` training pixels (deterministic in `config.seed`).
   """
-  from igpt import data, palette  # noqa: PLC0415  (keeps `import igpt.train` light)
-
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, PALETTE_FILE)
+  path = run.path(workdir, run.PALETTE_FILE)
   given = config.data.palette_path
   if os.path.exists(path):
     centers = palette.load_palette(path)
@@ -359,42 +296,17 @@ def prepare_palette(config, train_source, workdir: str) -> np.ndarray:
     metrics.log("Palette: %s (%d colours), copied to %s.", given, len(centers), path)
   else:
     t0 = time.time()
-    pixels = data.sample_pixels(train_source, config.data.palette_fit_pixels, config.seed)
-    centers = palette.fit_palette(pixels, config.data.palette_size, config.seed)
+    centers = pipeline.fit_palette(train_source, config.data.palette_size,
+                                   config.data.palette_fit_pixels, config.seed)
     palette.save_palette(path, centers)
     metrics.log("Palette: fitted %d colours on %d pixels in %.1fs, saved to %s.",
-                len(centers), len(pixels), time.time() - t0, path)
-  if len(centers) > config.model.vocab_size:
-    raise ValueError(f"the palette has {len(centers)} colours but model.vocab_size="
-                     f"{config.model.vocab_size}; raise vocab_size or shrink the palette.")
+                len(centers), config.data.palette_fit_pixels, time.time() - t0, path)
+  vocab_size = run.model_config(config).vocab_size
+  if len(centers) > vocab_size:
+    raise ValueError(f"the palette has {len(centers)} colours but the model has "
+                     f"{vocab_size} tokens (model.vocab_size); raise vocab_size or shrink the "
+                     "palette.")
   return np.asarray(centers, np.float32)
-
-
-def _broadcast_from_process_0(centers: np.ndarray | None) -> np.ndarray:
-  """Process 0's palette on every process: one fit, identical tokens on every host."""
-  from jax.experimental import multihost_utils  # noqa: PLC0415
-
-  is_source = jax.process_index() == 0
-  k = int(multihost_utils.broadcast_one_to_all(np.int32(len(centers) if is_source else 0)))
-  buf = np.asarray(centers, np.float32) if is_source else np.zeros((k, 3), np.float32)
-  return np.asarray(multihost_utils.broadcast_one_to_all(buf), np.float32)
-
-
-def _check_finite(pending: list, last_good_checkpoint: int | None) -> list:
-  """Fetches the queued per-step metrics; raises NonFiniteLossError on the first bad loss."""
-  fetched = jax.device_get(pending)
-  for step, m in fetched:
-    # The loss is computed before the update, so a finite loss can still come with
-    # overflowed params; checking the new params' norm keeps those out of checkpoints too.
-    loss, param_norm = float(m["loss"]), float(m["param_norm"])
-    if not (math.isfinite(loss) and math.isfinite(param_norm)):
-      where = (f"the last good checkpoint (step {last_good_checkpoint}) is intact"
-               if last_good_checkpoint is not None else "no checkpoint was written")
-      raise NonFiniteLossError(
-          f"Non-finite training at step {step}: loss {loss}, param_norm {param_norm}, "
-          f"grad_norm {float(m['grad_norm'])}. Stopping without saving; {where}. "
-          "Try a lower optim.lr, optim.clip_grad_norm > 0 or model.dtype='float32'.")
-  return fetched
 
 
 # ----------------------------------------------------------------------------------------
@@ -407,11 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returned dict: step, train_loss (nats/token, last step), eval_loss (nats/token),
   eval_bits_per_dim (eval_loss / ln 2 / 3), plus the last throughput numbers.
   """
-  from igpt import data  # noqa: PLC0415
-  from igpt.checkpoint import Checkpointer  # noqa: PLC0415
-
   # --- Processes: join the other hosts first; everything below sees the global devices.
-  maybe_initialize_distributed(config)
+  distributed.maybe_initialize(config)
   process_index, process_count = jax.process_index(), jax.process_count()
   is_writer = process_index == 0
 
@@ -422,33 +331,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Workdir: the resolved config is written first, so every run documents itself.
   os.makedirs(workdir, exist_ok=True)
-  config_json = json.loads(config.to_json_best_effort())  # also stored with every checkpoint
+  config_json = run.config_to_json(config)  # also stored with every checkpoint
   if is_writer:
-    with fileio.atomic_open(os.path.join(workdir, CONFIG_FILE)) as f:
-      json.dump(config_json, f, indent=2, sort_keys=True)
-  writer = metrics.MetricsWriter(workdir, enabled=is_writer)
+    run.write_config(workdir, config_json)
+  writer = metrics.MetricsWriter(run.path(workdir, run.METRICS_FILE), enabled=is_writer)
 
   # --- Data and palette. Batches are a pure function of (seed, step): resuming is exact.
-  train_source = data.make_source(config.data, "train", config.model.image_side)
-  val_source = data.make_source(config.data, "val", config.model.image_side)
+  train_source = readers.make_source(config.data, "train", config.model.image_side)
+  val_source = readers.make_source(config.data, "val", config.model.image_side)
   centers = prepare_palette(config, train_source, workdir) if is_writer else None
-  if process_count > 1:
-    centers = _broadcast_from_process_0(centers)
+  centers = distributed.broadcast_rows_from_process_0(centers, 3)
 
-  # --- Mesh: (data, fsdp, tensor) over every device of every process.
+  # --- Mesh and the run's objects: (data, fsdp, tensor) over every device of every process.
   mesh = sharding.make_mesh(config.mesh)
+  trainer = Trainer.build(config, mesh)
   metrics.log("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape),
               mesh.size, jax.devices()[0].device_kind, process_count)
 
   # --- Train state: restored from the newest whole checkpoint, else born sharded.
   # Closing waits for in-flight async saves, so the last good checkpoint is complete even
   # when the loop stops on a NaN (a SIGKILL loses only the save in flight).
-  ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), keep=t.keep_checkpoints)
-  with ckpt:
+  with run.checkpointer(workdir, keep=t.keep_checkpoints) as ckpt:
     init_rng, step_rng, eval_rng = run_rngs(config)
     last_saved = ckpt.latest_step()
+    abstract_state, state_shardings = abstract_train_state(trainer)
     if last_saved is not None:
-      abstract_state, state_shardings = abstract_train_state(config, mesh)
       state, extra = ckpt.restore(last_saved, abstract_state)
       start_step = int(extra["data"]["next_step"])
       if start_step != int(jax.device_get(state["step"])):
@@ -456,24 +363,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          f"{int(jax.device_get(state['step']))}, data position {start_step}.")
       metrics.log("Resumed from checkpoint step %d in %s.", last_saved, ckpt.directory)
     else:
-      state, state_shardings = create_train_state(config, mesh, init_rng)
+      state, _ = create_train_state(trainer, init_rng)
       start_step = 0
     writer.truncate_after(start_step)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    metrics.log("Model: %s, %s params, objective %s.", model_cfg, f"{n_params:,}", config.objective)
+    metrics.log("Model: %s, %s params, objective %s, attention kernel %s.", model_cfg,
+                f"{n_params:,}", config.objective, model_cfg.attention_implementation())
 
     # --- Compiled steps. Compiling ahead of time lets us log the memory use once.
-    train_step = make_train_step(config, mesh, state_shardings)
-    eval_step = make_eval_step(config, mesh, state_shardings)
+    train_step = make_train_step(trainer, state_shardings)
+    eval_step = make_eval_step(trainer, state_shardings)
+
+    def objective_batch(batch: dict) -> dict:
+      return {k: batch[k] for k in trainer.objective.batch_keys}
 
     def batch_for(step: int):
-      local = data.batch_at(train_source, centers, step, t.batch_size, config.seed,
-                            process_index=process_index, process_count=process_count)
-      return sharding.global_batch({"tokens": local["tokens"]}, mesh)
+      local = pipeline.batch_at(train_source, centers, step, t.batch_size, config.seed,
+                                process_index=process_index, process_count=process_count)
+      return sharding.global_batch(objective_batch(local), mesh)
 
-    eval_data = [sharding.global_batch({"tokens": b["tokens"], "mask": b["mask"]}, mesh)
-                 for b in data.eval_batches(val_source, centers, t.batch_size, t.eval_batches,
-                                            process_index, process_count)]
+    eval_data = [sharding.global_batch({**objective_batch(b), "mask": b["mask"]}, mesh)
+                 for b in pipeline.eval_batches(val_source, centers, t.batch_size,
+                                                t.eval_batches, process_index, process_count)]
 
     def run_eval() -> dict:
       return evaluate(eval_step, state["params"], eval_data, eval_rng)
@@ -482,30 +393,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.time()
     compiled_step = train_step.lower(state, first_batch, step_rng).compile()
     metrics.log("Compiled the train step in %.1fs.", time.time() - t0)
-    try:
-      mem = compiled_step.memory_analysis()
-      if mem is not None:
-        metrics.log("Train step memory per device: args %.1f MiB, temps %.1f MiB, output %.1f MiB.",
-                    mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20,
-                    mem.output_size_in_bytes / 2**20)
-    except Exception:  # noqa: BLE001  (not every backend implements it)
-      pass
+    metrics.log_memory(compiled_step)
 
     # --- Throughput bookkeeping, named with units.
-    tokens_per_step = t.batch_size * model_cfg.seq_len
-    flops_per_step = flops_per_token(model_cfg) * tokens_per_step
-    peak_flops_per_device = metrics.peak_flops_per_device(jax.devices()[0].device_kind,
-                                                          t.peak_flops_per_device)
-
-    def throughput(steps_per_s: float, steps_left: int) -> dict:
-      model_flops_per_device = flops_per_step * steps_per_s / mesh.size
-      out = {"tokens_per_s": tokens_per_step * steps_per_s,
-             "images_per_s": t.batch_size * steps_per_s,
-             "model_tflops_per_s_per_device": model_flops_per_device / 1e12,
-             "eta_s": steps_left / steps_per_s}
-      if peak_flops_per_device:  # unknown device (e.g. CPU) and no override: no MFU
-        out["mfu"] = model_flops_per_device / peak_flops_per_device
-      return out
+    throughput = metrics.Throughput(
+        tokens_per_step=t.batch_size * model_cfg.seq_len, images_per_step=t.batch_size,
+        flops_per_step=metrics.flops_per_token(model_cfg) * t.batch_size * model_cfg.seq_len,
+        num_devices=mesh.size,
+        peak_flops_per_device=metrics.peak_flops_per_device(jax.devices()[0].device_kind,
+                                                            t.peak_flops_per_device))
 
     def save(step: int) -> None:
       extra = {"data": {"next_step": step, "seed": config.seed}, "config": config_json}
@@ -533,8 +429,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         do_save = done % t.checkpoint_every_steps == 0 or is_last
         if not (do_log or do_eval or do_save):
           continue
-        fetched = _check_finite(pending, last_good)
+        fetched = jax.device_get(pending)
         pending = []
+        for fetched_step, fetched_metrics in fetched:
+          guards.check_finite(fetched_step, fetched_metrics, last_good)
         window_losses += [float(m["loss"]) for _, m in fetched]
         final.update(step=done, train_loss=float(fetched[-1][1]["loss"]))
 

@@ -5,7 +5,7 @@
 Each fixture holds a randomly initialised `ImageGPTForCausalImageModeling` (every weight
 re-drawn with a fixed torch seed, Conv1D biases kept zero), its config, random colour tokens
 `x` and the reference outputs of HF's eager float32 forward pass on `[SOS] + x[:-1]`:
-the 512 colour logits and every hidden state under our names (`embed`, `block_{i}`, `ln_f`).
+the 512 colour logits and every hidden state under our names (`embed`, `h_{i}`, `ln_f`).
 tests/test_parity.py reads them without torch; it also imports the builders below to run the
 same comparison live when torch is installed.
 """
@@ -78,7 +78,7 @@ def hf_reference(model, x: np.ndarray) -> dict[str, np.ndarray]:
   """HF outputs on colour tokens x [B, n] under our names: logits and every hidden state.
 
   HF never prepends SOS itself, so it is fed `[SOS] + x[:-1]` (SOS = vocab_size - 1).
-  hidden_states[0] is our `embed`, [i] our `block_{i-1}`, and the last one has ln_f applied
+  hidden_states[0] is our `embed`, [i] our `h_{i-1}`, and the last one has ln_f applied
   (our `ln_f`); the raw output of the last block, which HF does not return, is taken with a
   forward hook.
   """
@@ -101,9 +101,9 @@ def hf_reference(model, x: np.ndarray) -> dict[str, np.ndarray]:
   hidden = [h.float().numpy() for h in out.hidden_states]
   n_layer = model.config.n_layer
   ref = {"logits": out.logits.float().numpy(), "hidden/embed": hidden[0],
-         "hidden/ln_f": hidden[n_layer], f"hidden/block_{n_layer - 1}": raw["h"].float().numpy()}
+         "hidden/ln_f": hidden[n_layer], f"hidden/h_{n_layer - 1}": raw["h"].float().numpy()}
   for i in range(1, n_layer):
-    ref[f"hidden/block_{i - 1}"] = hidden[i]
+    ref[f"hidden/h_{i - 1}"] = hidden[i]
   return ref
 
 

@@ -8,7 +8,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from igpt import config as config_lib
-from igpt import model
+from igpt import run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -25,7 +25,7 @@ def _load(spec: str):
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_every_config_file_loads_and_builds_a_model(path):
   config = _load(path)
-  cfg = model.ModelConfig.from_config(config)
+  cfg = run.model_config(config)
   assert cfg.seq_len == config.model.image_side ** 2
   assert 0 < config.optim.warmup_steps < config.train.total_steps
 

@@ -1,4 +1,4 @@
-"""Tests for igpt.data: every source, preprocessing, batching and clear errors.
+"""Tests for igpt.readers and igpt.pipeline: every source, preprocessing, batching, clear errors.
 
 All fixture data is written to tmp dirs at test time; TFDS runs on tfds.testing.mock_data.
 """
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from igpt import config as config_lib
-from igpt import data
+from igpt import pipeline, readers
 from igpt import palette
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
@@ -87,18 +87,18 @@ def test_prepare_images_mixed_sizes_and_channels():
            rng.integers(0, 256, (16, 16), np.uint8),  # grey, enlarged
            rng.integers(0, 256, (32, 32, 4), np.uint8),  # RGBA: alpha dropped
            rng.integers(0, 256, (8, 8, 1), np.uint8)]
-  out = data.prepare_images(items, 8)
+  out = readers.prepare_images(items, 8)
   assert out.shape == (4, 8, 8, 3) and out.dtype == np.uint8
   np.testing.assert_array_equal(out[2], np.rint(items[2][..., :3].reshape(
       8, 4, 8, 4, 3).astype(np.float32).mean((1, 3))))  # exact 4x4 area average
   np.testing.assert_array_equal(out[3], np.repeat(items[3], 3, -1))
   array = rng.integers(0, 256, (5, 40, 64), np.uint8)  # a grey, non-square batch
-  np.testing.assert_array_equal(data.prepare_images(array, 40), np.repeat(
+  np.testing.assert_array_equal(readers.prepare_images(array, 40), np.repeat(
       array[:, :, 12:52, None], 3, -1))
   with pytest.raises(ValueError, match="my images.*uint8"):
-    data.prepare_images(np.zeros((2, 8, 8, 3), np.float32), 8, origin="my images")
+    readers.prepare_images(np.zeros((2, 8, 8, 3), np.float32), 8, origin="my images")
   with pytest.raises(ValueError, match="shape"):
-    data.prepare_images(np.zeros((2, 8, 8, 5), np.uint8), 8)
+    readers.prepare_images(np.zeros((2, 8, 8, 5), np.uint8), 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,16 +109,16 @@ def test_tfds_cifar10_mock(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   cfg = _cfg(source="tfds", name="cifar10", data_dir=str(tmp_path), val_examples=5)
   with tfds.testing.mock_data(num_examples=21):
-    train = data.make_source(cfg, "train", 32)
-    val = data.make_source(cfg, "val", 32)
-    test = data.make_source(cfg, "test", 16)
+    train = readers.make_source(cfg, "train", 32)
+    val = readers.make_source(cfg, "val", 32)
+    test = readers.make_source(cfg, "test", 16)
     assert (len(train), len(val), len(test)) == (16, 5, 21)
     assert train.num_classes == 10
     images, labels = train.get([0, 3, 15])
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
     assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 10
     assert test.get([1])[0].shape == (1, 16, 16, 3)  # area resize 32 -> 16
-    batch = data.batch_at(train, GREY_PALETTE, step=3, batch_size=8, seed=0)
+    batch = pipeline.batch_at(train, GREY_PALETTE, step=3, batch_size=8, seed=0)
     assert batch["tokens"].shape == (8, 1024) and batch["label"].shape == (8,)
 
 
@@ -128,7 +128,7 @@ def test_tfds_other_datasets_mock(tmp_path, name, native):
   tfds = pytest.importorskip("tensorflow_datasets")
   cfg = _cfg(source="tfds", name=name, data_dir=str(tmp_path), val_split="", val_examples=2)
   with tfds.testing.mock_data(num_examples=6):
-    source = data.make_source(cfg, "train", 32)
+    source = readers.make_source(cfg, "train", 32)
     images, _ = source.get([0, 1])
     assert images.shape == (2, 32, 32, 3)
     if native == 28:  # grey -> RGB: three equal channels
@@ -139,7 +139,7 @@ def test_tfds_unknown_name(tmp_path):
   pytest.importorskip("tensorflow_datasets")
   cfg = _cfg(source="tfds", name="cifar_10", data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="Unknown TFDS dataset.*cifar_10.*cifar10"):
-    data.make_source(cfg, "train", 32)
+    readers.make_source(cfg, "train", 32)
 
 
 def test_tfds_download_failure_is_explained(tmp_path, monkeypatch):
@@ -151,7 +151,7 @@ def test_tfds_download_failure_is_explained(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds, "data_source", fail)
   cfg = _cfg(source="tfds", name="cifar10", data_dir=str(tmp_path))
   with pytest.raises(RuntimeError) as e:
-    data.make_source(cfg, "test", 32)
+    readers.make_source(cfg, "test", 32)
   message = str(e.value)
   assert "cifar10" in message and str(tmp_path) in message
   assert "name resolution" in message and "pip install tensorflow" in message
@@ -161,14 +161,14 @@ def test_tfds_download_failure_is_explained(tmp_path, monkeypatch):
 
   monkeypatch.setattr(tfds, "data_source", missing_module)
   with pytest.raises(RuntimeError, match="pip install importlib_resources"):
-    data.make_source(cfg, "test", 32)
+    readers.make_source(cfg, "test", 32)
 
   def needs_tensorflow(*args, **kwargs):
     raise ModuleNotFoundError("In <Image> with name \"image\": No module named 'tensorflow'")
 
   monkeypatch.setattr(tfds, "data_source", needs_tensorflow)
   with pytest.raises(RuntimeError, match="encodes images with TensorFlow"):
-    data.make_source(cfg, "test", 32)
+    readers.make_source(cfg, "test", 32)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
@@ -195,13 +195,13 @@ def test_tfds_real_array_record_files(tmp_path):
                   "label": i % 3}
 
   cfg = _cfg(source="tfds", name="igpt_tiny_images", data_dir=str(tmp_path), val_examples=7)
-  train, val, test = (data.make_source(cfg, s, 16) for s in data.SPLITS)
+  train, val, test = (readers.make_source(cfg, s, 16) for s in readers.SPLITS)
   assert (len(train), len(val), len(test), train.num_classes) == (30, 7, 11, 3)
   images, labels = train.get(np.arange(30))
   assert images.shape == (30, 16, 16, 3) and set(labels) == {0, 1, 2}
   cfg.test_split = "validation"
   with pytest.raises(ValueError, match="no split 'validation'"):
-    data.make_source(cfg, "test", 16)
+    readers.make_source(cfg, "test", 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,17 +218,17 @@ def test_cifar10_pickles(tmp_path):
   # data.path may name the batches folder or its parent.
   for path in (folder, tmp_path):
     cfg = _cfg(source="cifar", path=str(path), val_split="test")
-    train = data.make_source(cfg, "train", 32)
+    train = readers.make_source(cfg, "train", 32)
     assert len(train) == 15 and train.num_classes == 10
     images, labels = train.get(np.arange(15))
     np.testing.assert_array_equal(images, np.concatenate([p[0] for p in parts]))
     np.testing.assert_array_equal(labels, np.concatenate([p[1] for p in parts]))
-    test_source = data.make_source(cfg, "test", 32)
+    test_source = readers.make_source(cfg, "test", 32)
     np.testing.assert_array_equal(test_source.get(np.arange(9))[0], test_images)
-    assert len(data.make_source(cfg, "val", 32)) == 9  # val_split = 'test'
+    assert len(readers.make_source(cfg, "val", 32)) == 9  # val_split = 'test'
   # Loaded splits are cached, but a rewritten file is read again.
   _write_cifar(folder, "test_batch", test_images[:2], [1, 2])
-  assert len(data.make_source(cfg, "test", 32)) == 2
+  assert len(readers.make_source(cfg, "test", 32)) == 2
 
 
 def test_cifar100_pickles(tmp_path):
@@ -238,9 +238,9 @@ def test_cifar100_pickles(tmp_path):
   _write_cifar(folder, "test", images[:3], [99, 0, 1], label_key=b"fine_labels")
   (folder / "meta").write_bytes(b"")
   cfg = _cfg(source="cifar", path=str(folder), val_examples=4)
-  train, val = data.make_source(cfg, "train", 32), data.make_source(cfg, "val", 32)
+  train, val = readers.make_source(cfg, "train", 32), readers.make_source(cfg, "val", 32)
   assert (len(train), len(val), train.num_classes) == (7, 4, 100)
-  test_images, test_labels = data.make_source(cfg, "test", 8).get([0, 1, 2])
+  test_images, test_labels = readers.make_source(cfg, "test", 8).get([0, 1, 2])
   assert test_images.shape == (3, 8, 8, 3)
   np.testing.assert_array_equal(test_labels, [99, 0, 1])
 
@@ -250,24 +250,24 @@ def test_cifar_bad_files(tmp_path):
   _write_cifar(folder, "data_batch_1", _random_images(4, 32), [0, 1, 2, 3])
   cfg = _cfg(source="cifar", path=str(folder))
   with pytest.raises(FileNotFoundError, match="test_batch"):
-    data.make_source(cfg, "test", 32)
+    readers.make_source(cfg, "test", 32)
   good = (folder / "data_batch_1").read_bytes()
   (folder / "test_batch").write_bytes(good[: len(good) // 2])
   with pytest.raises(ValueError, match="test_batch.*truncated"):
-    data.make_source(cfg, "test", 32)
+    readers.make_source(cfg, "test", 32)
   with open(folder / "test_batch", "wb") as f:
     pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
   with pytest.raises(ValueError, match=r"test_batch.*\[N, 3072\]"):
-    data.make_source(cfg, "test", 32)
+    readers.make_source(cfg, "test", 32)
   with open(folder / "test_batch", "wb") as f:
     pickle.dump(os.system, f)  # a pickle that would call a function: refused, not run
   with pytest.raises(ValueError, match="test_batch.*refusing"):
-    data.make_source(cfg, "test", 32)
+    readers.make_source(cfg, "test", 32)
   with pytest.raises(FileNotFoundError, match="missing_dir.*not a folder"):
-    data.make_source(_cfg(source="cifar", path=str(tmp_path / "missing_dir")), "train", 32)
+    readers.make_source(_cfg(source="cifar", path=str(tmp_path / "missing_dir")), "train", 32)
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="No CIFAR files in.*empty"):
-    data.make_source(_cfg(source="cifar", path=str(tmp_path / "empty")), "train", 32)
+    readers.make_source(_cfg(source="cifar", path=str(tmp_path / "empty")), "train", 32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,18 +281,18 @@ def test_idx_files(tmp_path, gz):
   _write_idx(tmp_path, "train", images, labels, gz)
   _write_idx(tmp_path, "t10k", images[:5], labels[:5], gz)
   cfg = _cfg(source="idx", path=str(tmp_path), val_examples=3)
-  train = data.make_source(cfg, "train", 28)
+  train = readers.make_source(cfg, "train", 28)
   assert len(train) == 10 and train.num_classes == 10
-  test = data.make_source(cfg, "test", 28)
+  test = readers.make_source(cfg, "test", 28)
   got, got_labels = test.get(np.arange(5))
   assert got.shape == (5, 28, 28, 3)
   np.testing.assert_array_equal(got, np.repeat(images[:5, ..., None], 3, -1))  # grey -> RGB
   np.testing.assert_array_equal(got_labels, labels[:5])
   # 28 -> 14 is an exact 2x2 area average; 28 -> 32 goes through Pillow.
-  small = data.make_source(cfg, "test", 14).get([0])[0][0, ..., 0]
+  small = readers.make_source(cfg, "test", 14).get([0])[0][0, ..., 0]
   expected = np.rint(images[0].reshape(14, 2, 14, 2).mean((1, 3)))
   np.testing.assert_array_equal(small, expected)
-  assert data.make_source(cfg, "test", 32).get([0, 1])[0].shape == (2, 32, 32, 3)
+  assert readers.make_source(cfg, "test", 32).get([0, 1])[0].shape == (2, 32, 32, 3)
 
 
 def test_idx_bad_files(tmp_path):
@@ -302,36 +302,36 @@ def test_idx_bad_files(tmp_path):
   raw = image_path.read_bytes()
   image_path.write_bytes(raw[:-10])
   with pytest.raises(ValueError, match="train-images-idx3-ubyte.*truncated"):
-    data.make_source(cfg, "train", 28)
+    readers.make_source(cfg, "train", 28)
   image_path.write_bytes(struct.pack(">I", 0x801) + raw[4:])
   with pytest.raises(ValueError, match="train-images-idx3-ubyte.*magic"):
-    data.make_source(cfg, "train", 28)
+    readers.make_source(cfg, "train", 28)
   image_path.write_bytes(raw)
   label_path.write_bytes(_idx_bytes(np.arange(5)))
   with pytest.raises(ValueError, match="train-images.*6 images.*train-labels.*5 labels"):
-    data.make_source(cfg, "train", 28)
+    readers.make_source(cfg, "train", 28)
   with pytest.raises(FileNotFoundError, match="t10k-images"):
-    data.make_source(cfg, "test", 28)
+    readers.make_source(cfg, "test", 28)
   # A truncated gzip stream.
   gz_dir = tmp_path / "gz"
   gz_images, _ = _write_idx(gz_dir, "train", images, labels, gz=True)
   gz_images.write_bytes(gz_images.read_bytes()[:-20])
   with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz.*truncated"):
-    data.make_source(_cfg(source="idx", path=str(gz_dir), val_split="test"), "train", 28)
+    readers.make_source(_cfg(source="idx", path=str(gz_dir), val_split="test"), "train", 28)
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
                     reason="apt-get install dataset-fashion-mnist for the real-data test")
 def test_real_fashion_mnist():
   cfg = _cfg(source="idx", path=FASHION_MNIST_DIR)  # val carved: 5000 of the 60000
-  train, val = data.make_source(cfg, "train", 28), data.make_source(cfg, "val", 28)
-  test = data.make_source(cfg, "test", 32)
+  train, val = readers.make_source(cfg, "train", 28), readers.make_source(cfg, "val", 28)
+  test = readers.make_source(cfg, "test", 32)
   assert (len(train), len(val), len(test)) == (55_000, 5_000, 10_000)
   images, labels = test.get(np.arange(10_000))
   assert images.shape == (10_000, 32, 32, 3)
   assert np.bincount(labels).tolist() == [1000] * 10  # the test split is balanced
   assert 60 < images.mean() < 90  # mostly black background
-  batch = data.batch_at(train, GREY_PALETTE, step=0, batch_size=64, seed=0)
+  batch = pipeline.batch_at(train, GREY_PALETTE, step=0, batch_size=64, seed=0)
   assert batch["tokens"].shape == (64, 784)
 
 
@@ -342,13 +342,13 @@ def test_real_fashion_mnist():
 def test_digits():
   from sklearn.datasets import load_digits
   cfg = _cfg(source="digits", val_examples=100)
-  train, val, test = (data.make_source(cfg, s, 8) for s in data.SPLITS)
+  train, val, test = (readers.make_source(cfg, s, 8) for s in readers.SPLITS)
   assert (len(train), len(val), len(test)) == (1337, 100, 360)
   all_images = np.concatenate([s.get(np.arange(len(s)))[0] for s in (train, val, test)])
   expected = np.rint(load_digits().images * 255 / 16).astype(np.uint8)
   # Together the three splits are exactly the 1797 digits, each once.
   assert sorted(map(bytes, all_images[..., 0])) == sorted(map(bytes, expected))
-  assert data.make_source(cfg, "test", 32).get([0])[0].shape == (1, 32, 32, 3)
+  assert readers.make_source(cfg, "test", 32).get([0])[0].shape == (1, 32, 32, 3)
 
 
 def test_folder_of_pngs_with_class_subfolders(tmp_path):
@@ -360,30 +360,30 @@ def test_folder_of_pngs_with_class_subfolders(tmp_path):
   grey = rng.integers(0, 256, (12, 20), np.uint8)  # grey and not square
   _write_png(tmp_path / "test" / "eel" / "grey.png", grey)
   cfg = _cfg(source="folder", path=str(tmp_path), val_examples=2)
-  train, test = data.make_source(cfg, "train", 12), data.make_source(cfg, "test", 12)
+  train, test = readers.make_source(cfg, "train", 12), readers.make_source(cfg, "test", 12)
   assert (len(train), len(test), train.num_classes, test.num_classes) == (7, 7, 3, 3)
   images, labels = test.get(np.arange(7))
   np.testing.assert_array_equal(labels, [0, 0, 0, 2, 2, 2, 2])  # 'eel' is class 2 in both
   np.testing.assert_array_equal(images[6], np.repeat(grey[:, 4:16, None], 3, -1))  # centre crop
-  assert data.make_source(cfg, "test", 6).get([0])[0].shape == (1, 6, 6, 3)
+  assert readers.make_source(cfg, "test", 6).get([0])[0].shape == (1, 6, 6, 3)
 
 
 def test_flat_folder_is_unlabelled(tmp_path):
   for i in range(5):
     _write_png(tmp_path / f"{i}.png", _random_images(1, 16, seed=i)[0])
   cfg = _cfg(source="folder", path=str(tmp_path), val_examples=1)
-  train = data.make_source(cfg, "train", 16)
+  train = readers.make_source(cfg, "train", 16)
   assert len(train) == 4 and train.num_classes is None
-  batch = data.batch_at(train, GREY_PALETTE, step=0, batch_size=4, seed=0)
+  batch = pipeline.batch_at(train, GREY_PALETTE, step=0, batch_size=4, seed=0)
   np.testing.assert_array_equal(batch["label"], [-1] * 4)
   with pytest.raises(FileNotFoundError, match="'test' split"):
-    data.make_source(cfg, "test", 16)
+    readers.make_source(cfg, "test", 16)
 
 
 def test_folder_bad_image(tmp_path):
   _write_png(tmp_path / "train" / "a.png", _random_images(1, 8)[0])
   (tmp_path / "train" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-  source = data.make_source(_cfg(source="folder", path=str(tmp_path), val_split="x"), "train", 8)
+  source = readers.make_source(_cfg(source="folder", path=str(tmp_path), val_split="x"), "train", 8)
   assert source.get([0])[0].shape == (1, 8, 8, 3)
   with pytest.raises(ValueError, match="b.png"):
     source.get([1])
@@ -394,7 +394,7 @@ def test_npz_sources(tmp_path):
   np.savez(tmp_path / "mnist.npz", x_train=x_train, y_train=np.arange(10),
            x_test=x_test, y_test=np.arange(4))
   cfg = _cfg(source="folder", path=str(tmp_path / "mnist.npz"), val_examples=3)
-  train, test = data.make_source(cfg, "train", 8), data.make_source(cfg, "test", 8)
+  train, test = readers.make_source(cfg, "train", 8), readers.make_source(cfg, "test", 8)
   assert (len(train), len(test)) == (7, 4)
   np.testing.assert_array_equal(test.get(np.arange(4))[0], x_test)
   folder = tmp_path / "arrays"
@@ -402,33 +402,33 @@ def test_npz_sources(tmp_path):
   np.savez(folder / "train.npz", images=x_test, labels=[3, 2, 1, 0])
   np.savez(folder / "test.npz", x=x_train)  # no labels
   cfg = _cfg(source="folder", path=str(folder), val_split="test")
-  assert data.make_source(cfg, "train", 4).get([0])[1].tolist() == [3]
-  assert data.make_source(cfg, "test", 4).get([0])[1] is None
+  assert readers.make_source(cfg, "train", 4).get([0])[1].tolist() == [3]
+  assert readers.make_source(cfg, "test", 4).get([0])[1] is None
 
 
 def test_npz_bad_files(tmp_path):
   np.savez(tmp_path / "float.npz", images=np.zeros((3, 8, 8, 3), np.float32))
   with pytest.raises(ValueError, match="float.npz.*uint8"):
-    data.make_source(_cfg(source="folder", path=str(tmp_path / "float.npz")), "train", 8)
+    readers.make_source(_cfg(source="folder", path=str(tmp_path / "float.npz")), "train", 8)
   np.savez(tmp_path / "nokey.npz", pictures=np.zeros((3, 8, 8), np.uint8))
   with pytest.raises(ValueError, match="nokey.npz.*no image array"):
-    data.make_source(_cfg(source="folder", path=str(tmp_path / "nokey.npz")), "train", 8)
+    readers.make_source(_cfg(source="folder", path=str(tmp_path / "nokey.npz")), "train", 8)
   (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 nope")
   with pytest.raises(ValueError, match="broken.npz"):
-    data.make_source(_cfg(source="folder", path=str(tmp_path / "broken.npz")), "train", 8)
+    readers.make_source(_cfg(source="folder", path=str(tmp_path / "broken.npz")), "train", 8)
   with pytest.raises(FileNotFoundError, match="missing.npz"):
-    data.make_source(_cfg(source="folder", path=str(tmp_path / "missing.npz")), "train", 8)
+    readers.make_source(_cfg(source="folder", path=str(tmp_path / "missing.npz")), "train", 8)
 
 
 def test_bad_config():
   with pytest.raises(ValueError, match="data.source"):
-    data.make_source(_cfg(source="webdataset"), "train", 8)
+    readers.make_source(_cfg(source="webdataset"), "train", 8)
   with pytest.raises(ValueError, match="split"):
-    data.make_source(_cfg(source="digits"), "validation", 8)
+    readers.make_source(_cfg(source="digits"), "validation", 8)
   with pytest.raises(ValueError, match="val_examples=5000"):
-    data.make_source(_cfg(source="digits"), "train", 8)  # 5000 > 1437 digits
+    readers.make_source(_cfg(source="digits"), "train", 8)  # 5000 > 1437 digits
   with pytest.raises(ValueError, match="data.path"):
-    data.make_source(_cfg(source="cifar", path=""), "train", 8)
+    readers.make_source(_cfg(source="cifar", path=""), "train", 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,77 +437,77 @@ def test_bad_config():
 
 def _id_source(n=50, side=4):
   """An in-memory source whose label is the example index."""
-  return data.ArraySource(_random_images(n, side, seed=n), np.arange(n), side, "ids")
+  return readers.ArraySource(_random_images(n, side, seed=n), np.arange(n), side, "ids")
 
 
 def test_train_val_disjoint():
   source = _id_source(50)
-  train, val = data._carve(source, 10, "ids")  # pylint: disable=protected-access
+  train, val = readers._carve(source, 10, "ids")  # pylint: disable=protected-access
   train_ids = train.get(np.arange(len(train)))[1]
   val_ids = val.get(np.arange(len(val)))[1]
   assert len(val_ids) == 10 and not set(train_ids) & set(val_ids)
   assert sorted(np.concatenate([train_ids, val_ids])) == list(range(50))
-  again = data._carve(_id_source(50), 10, "ids")[1]  # pylint: disable=protected-access
+  again = readers._carve(_id_source(50), 10, "ids")[1]  # pylint: disable=protected-access
   np.testing.assert_array_equal(again.get(np.arange(10))[1], val_ids)  # fixed seed
 
 
 def test_batch_at_is_deterministic_and_covers_epochs():
   source = _id_source(40)
-  a = data.batch_at(source, GREY_PALETTE, step=7, batch_size=8, seed=3)
-  b = data.batch_at(source, GREY_PALETTE, step=7, batch_size=8, seed=3)
+  a = pipeline.batch_at(source, GREY_PALETTE, step=7, batch_size=8, seed=3)
+  b = pipeline.batch_at(source, GREY_PALETTE, step=7, batch_size=8, seed=3)
   np.testing.assert_array_equal(a["tokens"], b["tokens"])
   np.testing.assert_array_equal(a["label"], b["label"])
   assert a["tokens"].shape == (8, 16) and a["tokens"].dtype == np.int32
   # Five steps of 8 are one epoch: every example exactly once, in a seed-dependent order.
-  epoch = np.concatenate([data.batch_at(source, None, s, 8, 3)["label"] for s in range(5)])
+  epoch = np.concatenate([pipeline.batch_at(source, GREY_PALETTE, s, 8, 3)["label"] for s in range(5)])
   assert sorted(epoch) == list(range(40)) and list(epoch) != list(range(40))
   np.testing.assert_array_equal(epoch, np.random.default_rng((3, 0)).permutation(40))
-  next_epoch = np.concatenate([data.batch_at(source, None, s, 8, 3)["label"]
+  next_epoch = np.concatenate([pipeline.batch_at(source, GREY_PALETTE, s, 8, 3)["label"]
                                for s in range(5, 10)])
   np.testing.assert_array_equal(next_epoch, np.random.default_rng((3, 1)).permutation(40))
   # A batch that spans an epoch boundary (40 is not a multiple of 12).
-  spanning = data.batch_at(source, None, step=3, batch_size=12, seed=3)["label"]
+  spanning = pipeline.batch_at(source, GREY_PALETTE, step=3, batch_size=12, seed=3)["label"]
   stream = np.concatenate([np.random.default_rng((3, e)).permutation(40) for e in (0, 1)])
   np.testing.assert_array_equal(spanning, stream[36:48])
-  other_seed = data.batch_at(source, None, step=7, batch_size=8, seed=4)["label"]
+  other_seed = pipeline.batch_at(source, GREY_PALETTE, step=7, batch_size=8, seed=4)["label"]
   assert list(other_seed) != list(a["label"])
   # Tokens are the palette encoding of the images.
-  images = data.batch_at(source, None, step=7, batch_size=8, seed=3)["image"]
+  images = pipeline.image_batch_at(source, step=7, batch_size=8, seed=3)["image"]
   np.testing.assert_array_equal(a["tokens"], palette.encode(images, GREY_PALETTE))
 
 
 @pytest.mark.parametrize("count", [2, 4])
 def test_process_shares_concatenate_to_global_batch(count):
   source = _id_source(30)
-  full = data.batch_at(source, GREY_PALETTE, step=5, batch_size=8, seed=1)
-  shares = [data.batch_at(source, GREY_PALETTE, 5, 8, 1, process_index=i, process_count=count)
+  full = pipeline.batch_at(source, GREY_PALETTE, step=5, batch_size=8, seed=1)
+  shares = [pipeline.batch_at(source, GREY_PALETTE, 5, 8, 1, process_index=i, process_count=count)
             for i in range(count)]
   assert all(s["tokens"].shape == (8 // count, 16) for s in shares)
   for key in ("tokens", "label"):
     np.testing.assert_array_equal(np.concatenate([s[key] for s in shares]), full[key])
   with pytest.raises(ValueError, match="multiple of process_count=3"):
-    data.batch_at(source, GREY_PALETTE, 0, 8, 1, process_index=0, process_count=3)
+    pipeline.batch_at(source, GREY_PALETTE, 0, 8, 1, process_index=0, process_count=3)
 
 
 def test_eval_batches_in_order_with_mask():
   source = _id_source(10)
-  batches = list(data.eval_batches(source, GREY_PALETTE, batch_size=4, num_batches=None))
+  batches = list(pipeline.eval_batches(source, GREY_PALETTE, batch_size=4, num_batches=None))
   assert len(batches) == 3
   labels = np.concatenate([b["label"] for b in batches])
   masks = np.concatenate([b["mask"] for b in batches])
   np.testing.assert_array_equal(labels, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])  # wraps to pad
   np.testing.assert_array_equal(masks, [1] * 10 + [0, 0])
-  assert len(list(data.eval_batches(source, GREY_PALETTE, 4, num_batches=2))) == 2
-  shares = [next(data.eval_batches(source, GREY_PALETTE, 4, 1, i, 2)) for i in range(2)]
+  assert len(list(pipeline.eval_batches(source, GREY_PALETTE, 4, num_batches=2))) == 2
+  shares = [next(pipeline.eval_batches(source, GREY_PALETTE, 4, 1, i, 2)) for i in range(2)]
   np.testing.assert_array_equal(np.concatenate([s["label"] for s in shares]), [0, 1, 2, 3])
 
 
 def test_sample_pixels():
   source = _id_source(30, side=8)
-  pixels = data.sample_pixels(source, 5000, seed=0)
+  pixels = pipeline.sample_pixels(source, 5000, seed=0)
   assert pixels.shape == (5000, 3) and pixels.dtype == np.uint8
-  np.testing.assert_array_equal(pixels, data.sample_pixels(source, 5000, seed=0))
-  assert not np.array_equal(pixels, data.sample_pixels(source, 5000, seed=1))
+  np.testing.assert_array_equal(pixels, pipeline.sample_pixels(source, 5000, seed=0))
+  assert not np.array_equal(pixels, pipeline.sample_pixels(source, 5000, seed=1))
   all_colours = set(map(bytes, source.get(np.arange(30))[0].reshape(-1, 3)))
   assert set(map(bytes, pixels)) <= all_colours
   centers = palette.fit_palette(pixels, k=32)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from igpt import config as igpt_config
-from igpt import model
+from igpt import kernels, model, run
 
 # A small model: 2 layers, width 64, 4 heads, 4x4 images.
 SMALL = model.ModelConfig(num_layers=2, d_model=64, num_heads=4, seq_len=16)
@@ -122,7 +122,7 @@ PAPER_COUNTS = {"s": 76_571_648, "m": 455_157_760, "l": 1_362_250_752, "xl": 6_8
 
 @pytest.mark.parametrize("size", sorted(PAPER_COUNTS))
 def test_paper_param_counts(size):
-  cfg = model.ModelConfig.from_config(igpt_config.paper_config(size))
+  cfg = run.model_config(igpt_config.paper_config(size))
   assert model.param_count(cfg) == PAPER_COUNTS[size]
 
 
@@ -130,7 +130,7 @@ def test_small_count_formula_pieces():
   """iGPT-S piece by piece. Per block 12 d^2 + 2 d (q, k, v, c_proj: 4 d^2; MLP 8 d^2; two
   gains); wte + wtet 2*512*d; wpe n*d; sos d and ln_f d. The spec writes the last term as
   `+ d`, which gives 76,571,136; both d-sized vectors are needed for 76,571,648."""
-  cfg = model.ModelConfig.from_config(igpt_config.paper_config("s"))
+  cfg = run.model_config(igpt_config.paper_config("s"))
   d, layers, n = cfg.d_model, cfg.num_layers, cfg.seq_len
   assert (d, layers, n, cfg.num_heads) == (512, 24, 1024, 8)
   shapes = _shapes(cfg)
@@ -145,7 +145,7 @@ def test_small_count_formula_pieces():
 
 
 def test_bert_variant_has_no_sos():
-  cfg = model.ModelConfig.from_config(igpt_config.paper_config("s"))
+  cfg = run.model_config(igpt_config.paper_config("s"))
   bert = model.ModelConfig(**dict(vars(cfg), causal=False))
   assert model.param_count(bert) == model.param_count(cfg) - cfg.d_model
 
@@ -162,7 +162,7 @@ def test_bfloat16_compute_close_to_float32():
   params, x = _params(SMALL), _tokens(SMALL, batch=4)
   logits32, _ = _forward(SMALL, params, x)
   logits16, hidden16 = _forward(cfg16, params, x)
-  assert logits16.dtype == jnp.float32 and hidden16["block_0"].dtype == jnp.bfloat16
+  assert logits16.dtype == jnp.float32 and hidden16["h_0"].dtype == jnp.bfloat16
   assert np.all(np.isfinite(logits16))
   err = np.max(np.abs(logits16 - logits32)) / np.max(np.abs(logits32))
   assert err < 5e-2, err
@@ -248,7 +248,7 @@ def test_blocked_attention_matches_dot_product_attention(causal, length):
   keys = jax.random.split(jax.random.key(0), 3)
   q, k, v = (2 * jax.random.normal(key, (2, length, 3, 16), jnp.float32) for key in keys)
   reference = functools.partial(jax.nn.dot_product_attention, scale=1 / 4, is_causal=causal)
-  blocked = functools.partial(model.blocked_attention, causal=causal, block=64)
+  blocked = functools.partial(kernels.blocked_attention, causal=causal, block=64)
   with jax.default_matmul_precision("highest"):
     _assert_close(_value_and_grads(blocked, (q, k, v)), _value_and_grads(reference, (q, k, v)),
                   rtol=1e-5)
@@ -256,7 +256,7 @@ def test_blocked_attention_matches_dot_product_attention(causal, length):
 
 def test_blocked_attention_keeps_compute_dtype():
   q = jnp.ones((1, 8, 2, 4), jnp.bfloat16)
-  assert model.blocked_attention(q, q, q, causal=True).dtype == jnp.bfloat16
+  assert kernels.blocked_attention(q, q, q, causal=True).dtype == jnp.bfloat16
 
 
 def test_mlp_and_norm_backward_match_autodiff():
@@ -274,7 +274,64 @@ def test_mlp_and_norm_backward_match_autodiff():
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + model.NORM_EPS) * g
 
   with jax.default_matmul_precision("highest"):
-    _assert_close(_value_and_grads(model._mlp, (x, w_fc, w_proj)),
+    _assert_close(_value_and_grads(kernels.mlp, (x, w_fc, w_proj)),
                   _value_and_grads(plain_mlp, (x, w_fc, w_proj)), rtol=1e-5)
-    _assert_close(_value_and_grads(model._rms_norm, (x, g)),
+    _assert_close(_value_and_grads(kernels.rms_norm, (x, g)),
                   _value_and_grads(plain_norm, (x, g)), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Attention implementations (model.attention) and decode mode.
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_choices_agree_on_cpu(causal):
+  cfg = model.ModelConfig(num_layers=2, d_model=64, num_heads=4, seq_len=256, causal=causal,
+                          attention="blocked")
+  params = model.init_params(cfg, jax.random.key(0))
+  params["wtet"] = 0.02 * jax.random.normal(jax.random.key(1), params["wtet"].shape)
+  tokens = _tokens(cfg, batch=2)
+  outs = {}
+  for choice in ("auto", "blocked", "xla"):
+    c = model.ModelConfig(**{**cfg.__dict__, "attention": choice})
+    outs[choice] = model.apply(c, params, tokens)
+  assert model.ModelConfig(**{**cfg.__dict__, "attention": "auto"}).attention_implementation() == "blocked"
+  for choice in ("auto", "xla"):
+    for name in outs["blocked"][1]:
+      _assert_close(outs[choice][1][name], outs["blocked"][1][name], rtol=1e-5)
+    _assert_close(outs[choice][0], outs["blocked"][0], rtol=1e-5)
+
+
+def test_attention_resolution_and_clear_errors():
+  assert kernels.resolve_attention("auto", "bfloat16", 64, "gpu") == "cudnn"
+  assert kernels.resolve_attention("auto", "float32", 64, "gpu") == "xla"
+  assert kernels.resolve_attention("auto", "bfloat16", 12, "gpu") == "xla"
+  assert kernels.resolve_attention("auto", "bfloat16", 64, "tpu") == "xla"
+  assert kernels.resolve_attention("auto", "float32", 64, "cpu") == "blocked"
+  cfg = model.ModelConfig(num_layers=1, d_model=64, num_heads=4, seq_len=16, attention="cudnn")
+  with pytest.raises(ValueError, match="model.attention='cudnn' needs an NVIDIA GPU"):
+    cfg.attention_implementation("cpu")
+  with pytest.raises(ValueError, match="model.attention='cudnn' needs model.dtype bfloat16"):
+    cfg.attention_implementation("gpu")
+  with pytest.raises(ValueError, match="model.attention='flash' is unknown"):
+    model.ModelConfig(num_layers=1, d_model=64, num_heads=4, seq_len=16, attention="flash")
+
+
+def test_decode_through_the_cache_matches_the_full_pass():
+  cfg = model.ModelConfig(num_layers=2, d_model=32, num_heads=4, seq_len=16, vocab_size=16)
+  params = model.init_params(cfg, jax.random.key(0))
+  params["wtet"] = 0.1 * jax.random.normal(jax.random.key(1), params["wtet"].shape)
+  tokens = _tokens(cfg, batch=3)
+  full, _ = model.apply(cfg, params, tokens)
+  prev = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)))  # the token before each position
+  # One position at a time, then a 5-token prefill followed by chunks of 4, 4 and 3.
+  cache, steps = model.init_cache(cfg, 3), []
+  for p in range(cfg.seq_len):
+    logits, cache = model.decode(cfg, params, cache, prev[:, p:p + 1], p)
+    steps.append(logits)
+  _assert_close(jnp.concatenate(steps, axis=1), full, rtol=1e-5)
+  cache, chunks = model.init_cache(cfg, 3), []
+  for start, end in ((0, 5), (5, 9), (9, 13), (13, 16)):
+    logits, cache = model.decode(cfg, params, cache, prev[:, start:end], start)
+    chunks.append(logits)
+  _assert_close(jnp.concatenate(chunks, axis=1), full, rtol=1e-5)

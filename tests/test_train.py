@@ -15,8 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from igpt import losses, metrics, model, sharding, train
-from igpt.model import ModelConfig
+from igpt import guards, losses, metrics, model, optim, palette, pipeline, readers, run, sharding, train
 
 import train_helpers as th
 
@@ -29,7 +28,8 @@ def _one_device_mesh():
 
 def _random_tokens(config, batch, seed=0):
   rng = np.random.default_rng(seed)
-  return rng.integers(0, config.model.vocab_size, (batch, config.model.image_side**2)).astype(np.int32)
+  vocab_size = run.model_config(config).vocab_size
+  return rng.integers(0, vocab_size, (batch, config.model.image_side**2)).astype(np.int32)
 
 
 # ------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def test_bert_mask_rate_and_bits_per_dim():
 
 def test_bert_model_is_bidirectional_and_hides_masked_tokens():
   config = th.tiny_config(objective="bert")
-  cfg = ModelConfig.from_config(config)
+  cfg = run.model_config(config)
   assert not cfg.causal
   params = model.init_params(cfg, jax.random.key(0))
   params["wtet"] = 0.02 * jax.random.normal(jax.random.key(1), params["wtet"].shape)
@@ -94,7 +94,7 @@ def test_bert_model_is_bidirectional_and_hides_masked_tokens():
 
 def test_schedule_warms_up_then_decays_to_zero_and_paper_adam():
   config = th.tiny_config(train__total_steps=100, optim__warmup_steps=10, optim__lr=1e-3)
-  schedule = train.learning_rate_schedule(config)
+  schedule = optim.learning_rate_schedule(config.optim, config.train.total_steps)
   assert float(schedule(0)) == 0.0
   assert math.isclose(float(schedule(5)), 5e-4, rel_tol=1e-5)
   assert math.isclose(float(schedule(10)), 1e-3, rel_tol=1e-5)
@@ -104,8 +104,9 @@ def test_schedule_warms_up_then_decays_to_zero_and_paper_adam():
 
 def _one_step(config, tokens, mesh=None):
   mesh = mesh or _one_device_mesh()
-  state, shardings = train.create_train_state(config, mesh, jax.random.key(0))
-  step = train.make_train_step(config, mesh, shardings)
+  trainer = train.Trainer.build(config, mesh)
+  state, shardings = train.create_train_state(trainer, jax.random.key(0))
+  step = train.make_train_step(trainer, shardings)
   batch = sharding.global_batch({"tokens": tokens}, mesh)
   state, m = step(state, batch, jax.random.key(7))
   state, m = step(state, batch, jax.random.key(8))  # the 2nd step has a nonzero lr
@@ -137,12 +138,12 @@ def test_bfloat16_compute_and_remat_keep_float32_params():
 
 
 def test_flops_per_token_convention():
-  cfg = ModelConfig.from_config(th.tiny_config())
+  cfg = run.model_config(th.tiny_config())
   d, n, t, v = 32, 2, 64, 16
-  assert train.flops_per_token(cfg) == 6 * (12 * d * d * n + v * d) + 12 * n * d * t
+  assert metrics.flops_per_token(cfg) == 6 * (12 * d * d * n + v * d) + 12 * n * d * t
   # iGPT-S: N = 12 d^2 L + V d = 75.76M matmul weights, attention adds 12 L d T = 151M.
-  s = ModelConfig(num_layers=24, d_model=512, num_heads=8, seq_len=1024)
-  assert train.flops_per_token(s) == 6 * 75_759_616 + 150_994_944
+  s = model.ModelConfig(num_layers=24, d_model=512, num_heads=8, seq_len=1024)
+  assert metrics.flops_per_token(s) == 6 * 75_759_616 + 150_994_944
   assert metrics.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
   assert metrics.peak_flops_per_device("cpu") is None
   assert metrics.peak_flops_per_device("cpu", 1e12) == 1e12
@@ -189,10 +190,8 @@ def test_unreadable_dataset_fails_before_compile(tmp_path, monkeypatch):
 
 
 def test_palette_is_fitted_then_reused_and_given_file_used_as_is(tmp_path):
-  from igpt import data, palette
-
   config = th.tiny_config()
-  source = data.make_source(config.data, "train", config.model.image_side)
+  source = readers.make_source(config.data, "train", config.model.image_side)
   fitted = train.prepare_palette(config, source, str(tmp_path / "a"))
   assert fitted.shape == (16, 3)
   np.testing.assert_array_equal(palette.load_palette(str(tmp_path / "a" / "palette.npy")), fitted)
@@ -221,7 +220,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   # lr is 0 at step 0 (warm-up), then 1e38: params overflow at the 2nd update.
   config = th.tiny_config(optim__lr=1e38, optim__warmup_steps=1, train__checkpoint_every_steps=1,
                           train__log_every_steps=1)
-  with pytest.raises(train.NonFiniteLossError, match="at step 2.*last good checkpoint \\(step 1\\)"):
+  with pytest.raises(guards.NonFiniteLossError, match="at step 2.*last good checkpoint \\(step 1\\)"):
     train.train_and_evaluate(config, str(tmp_path))
   step, state, _ = th.restore_latest(config, str(tmp_path))
   assert step == 1
@@ -269,17 +268,17 @@ def test_cli_end_to_end_on_8_devices_then_restore_on_1(tmp_path):
   assert saved["mesh"]["data"] == 2 and saved["model"]["d_model"] == 64
 
   # Save on an 8-device (data=2, fsdp=4) mesh, restore on this process's single device.
-  from igpt import data, palette
   config = ml_collections.ConfigDict(saved)
   step, state, extra = th.restore_latest(config, workdir)
   assert step == steps and extra["data"]["next_step"] == steps
   mesh = _one_device_mesh()
-  _, shardings = train.abstract_train_state(config, mesh)
+  trainer = train.Trainer.build(config, mesh)
+  _, shardings = train.abstract_train_state(trainer)
   centers = palette.load_palette(os.path.join(workdir, "palette.npy"))
-  source = data.make_source(config.data, "val", config.model.image_side)
+  source = readers.make_source(config.data, "val", config.model.image_side)
   batches = [sharding.global_batch({"tokens": b["tokens"], "mask": b["mask"]}, mesh) for b in
-             data.eval_batches(source, centers, config.train.batch_size, 2, 0, 1)]
-  ev = train.evaluate(train.make_eval_step(config, mesh, shardings), state["params"], batches,
+             pipeline.eval_batches(source, centers, config.train.batch_size, 2, 0, 1)]
+  ev = train.evaluate(train.make_eval_step(trainer, shardings), state["params"], batches,
                       train.run_rngs(config)[2])
   assert ev["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-5)
 

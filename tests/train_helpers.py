@@ -76,14 +76,14 @@ def restore_latest(config, workdir: str, mesh=None):
   """(step, state, extra) of the newest checkpoint in `workdir`, on `mesh` (default: 1 device)."""
   import jax  # noqa: PLC0415
 
-  from igpt import sharding, train  # noqa: PLC0415
+  from igpt import run, sharding, train  # noqa: PLC0415
   from igpt.checkpoint import Checkpointer  # noqa: PLC0415
 
   if mesh is None:
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
                               jax.devices()[:1])
-  abstract, _ = train.abstract_train_state(config, mesh)
-  ckpt = Checkpointer(os.path.join(workdir, train.CHECKPOINT_DIR), keep=100)
+  abstract, _ = train.abstract_train_state(train.Trainer.build(config, mesh))
+  ckpt = Checkpointer(run.path(workdir, run.CHECKPOINT_DIR), keep=100)
   try:
     step = ckpt.latest_step()
     state, extra = ckpt.restore(step, abstract)

@@ -1,4 +1,4 @@
-"""One interface over every image source, and deterministic batching of palette tokens.
+"""Image readers: one interface over every image source (no palette, no JAX).
 
 `make_source(config.data, split, image_side)` returns an `ImageSource`: random access to uint8
 RGB images at `image_side` x `image_side` (grey -> 3 channels, non-square -> centre crop, then
@@ -14,8 +14,7 @@ an area resize) and int32 labels (or None). Sources (`data.source`):
 With `data.val_split` empty, the validation split is `data.val_examples` images carved out of
 the training split by a fixed seed; the "train" source is then the rest (disjoint).
 
-`batch_at(source, centers, step, ...)` is a pure function of (seed, step): the global batch
-`step` of a stream of per-epoch permutations, so resuming at a step needs no iterator state.
+Turning images into palette tokens and batches is `igpt.pipeline`'s job.
 """
 
 from __future__ import annotations
@@ -27,11 +26,9 @@ import os
 import pickle
 import struct
 import zlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
-
-from igpt import palette as palette_lib
 
 SPLITS = ("train", "val", "test")
 SOURCES = ("tfds", "cifar", "idx", "folder", "digits")
@@ -680,110 +677,3 @@ def make_source(data_cfg, split: str, image_side: int) -> ImageSource:
     return train
   train, val = _carve(train, int(data_cfg.val_examples), train.description)
   return train if split == "train" else val
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling and batching
-
-
-def sample_pixels(source: ImageSource, num_pixels: int, seed: int) -> np.ndarray:
-  """uint8 [num_pixels, 3] pixels drawn at random from `source` (for fitting the palette).
-
-  Reads a random subset of images (about 4x as many pixels as asked for, so pixels come from
-  many images), then draws pixels from them without replacement when there are enough.
-  """
-  if num_pixels < 1:
-    raise ValueError(f"num_pixels must be positive; got {num_pixels}.")
-  if len(source) == 0:
-    raise ValueError(f"{source.description} has no images to sample pixels from.")
-  rng = np.random.default_rng(seed)
-  per_image = source.image_side ** 2
-  num_images = min(len(source), max(1, -(-4 * num_pixels // per_image)))
-  chosen = np.sort(rng.choice(len(source), size=num_images, replace=False))
-  pool = np.concatenate([source.get(chosen[i:i + 1024])[0].reshape(-1, 3)
-                         for i in range(0, len(chosen), 1024)])
-  picks = rng.choice(len(pool), size=num_pixels, replace=num_pixels > len(pool))
-  return pool[picks]
-
-
-@functools.lru_cache(maxsize=8)
-def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-  order = np.random.default_rng((seed, epoch)).permutation(n)
-  order.flags.writeable = False
-  return order
-
-
-def global_batch_indices(num_examples: int, step: int, batch_size: int, seed: int) -> np.ndarray:
-  """Source indices of global batch `step`: positions step*B .. step*B+B-1 of the stream
-  perm(seed, 0) ++ perm(seed, 1) ++ ..., a fresh permutation per epoch (a batch may span two)."""
-  if num_examples < 1:
-    raise ValueError("cannot batch an empty source.")
-  positions = step * batch_size + np.arange(batch_size, dtype=np.int64)
-  epochs, offsets = np.divmod(positions, num_examples)
-  out = np.empty(batch_size, np.int64)
-  for epoch in np.unique(epochs):
-    mask = epochs == epoch
-    out[mask] = _epoch_permutation(num_examples, seed, int(epoch))[offsets[mask]]
-  return out
-
-
-def _local_share(batch_size: int, process_index: int, process_count: int) -> slice:
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count="
-                     f"{process_count}).")
-  if batch_size < 1 or batch_size % process_count:
-    raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
-                     f"process_count={process_count}.")
-  local = batch_size // process_count
-  return slice(process_index * local, (process_index + 1) * local)
-
-
-def _make_batch(source: ImageSource, centers, indices: np.ndarray) -> dict:
-  images, labels = source.get(indices)
-  if labels is None:
-    labels = np.full((len(indices),), -1, np.int32)
-  if centers is None:
-    return {"image": images, "label": labels}
-  return {"tokens": palette_lib.encode(images, centers), "label": labels}
-
-
-def batch_at(source: ImageSource, palette_centers, step: int, batch_size: int, seed: int,
-             process_index: int = 0, process_count: int = 1) -> dict:
-  """This process's share of global training batch `step` (a pure function of seed and step).
-
-  Returns {'tokens': int32 [batch_size / process_count, S*S], 'label': int32 [...]} (label -1
-  when the source has none); the shares of processes 0..count-1 concatenate to the global
-  batch. With palette_centers=None, 'image' (uint8 [b, S, S, 3]) replaces 'tokens'.
-  """
-  if step < 0:
-    raise ValueError(f"step must be >= 0; got {step}.")
-  share = _local_share(batch_size, process_index, process_count)
-  indices = global_batch_indices(len(source), step, batch_size, seed)[share]
-  return _make_batch(source, palette_centers, indices)
-
-
-def eval_batches(source: ImageSource, palette_centers, batch_size: int,
-                 num_batches: int | None = None, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict]:
-  """Fixed, unshuffled evaluation batches: batch i holds examples i*B .. i*B+B-1, in order.
-
-  Yields min(num_batches, ceil(len/B)) batches (num_batches None or <= 0: the whole source).
-  Every batch has the full shape: the last one is padded by wrapping to the start, and its
-  'mask' (float32 [b], 1 = real example, 0 = padding) says which rows count.
-  """
-  share = _local_share(batch_size, process_index, process_count)
-  n = len(source)
-  if n == 0:
-    raise ValueError(f"{source.description} is empty: nothing to evaluate.")
-  total = -(-n // batch_size)
-  if num_batches is not None and num_batches > 0:
-    total = min(total, num_batches)
-
-  def batches():  # a generator inside, so bad arguments raise at the call, not at next()
-    for b in range(total):
-      positions = b * batch_size + np.arange(batch_size, dtype=np.int64)[share]
-      batch = _make_batch(source, palette_centers, positions % n)
-      batch["mask"] = (positions < n).astype(np.float32)
-      yield batch
-
-  return batches()

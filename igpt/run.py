@@ -1,0 +1,149 @@
+"""A run is a folder; this module is the only one that knows its layout.
+
+    <workdir>/config.json         the resolved run config (written at the start of a run)
+    <workdir>/palette.npy         the colour palette the run's tokens use ([k, 3] in [-1, 1])
+    <workdir>/metrics.jsonl       one JSON record per log step and per evaluation
+    <workdir>/checkpoints/<step>/ orbax: `params`, `train_state` (optimiser; absent in an
+                                  imported run) and `extra` (data position, config)
+
+`load_run(workdir)` gives what every entry point needs to use a trained model (config,
+palette, params) without the trainer or its optimiser; `save_run` writes a params-only run
+(an imported model) that `load_run` reads like any trained one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from igpt import fileio, model, objectives, palette, sharding
+from igpt.checkpoint import Checkpointer
+from igpt.model import ModelConfig
+
+CONFIG_FILE = "config.json"
+PALETTE_FILE = "palette.npy"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def path(workdir: str, name: str) -> str:
+  """`workdir/name` for one of the layout's names above."""
+  return os.path.join(workdir, name)
+
+
+def model_config(config) -> ModelConfig:
+  """The model of a run config: its `model` section, causal or not by its objective, with one
+  output class per palette colour unless `model.vocab_size` is set."""
+  return ModelConfig.from_config(
+      config.model, causal=objectives.get(config.objective).causal,
+      vocab_size=config.model.get("vocab_size", 0) or config.data.palette_size)
+
+
+def config_to_json(config) -> dict:
+  """The config as a JSON-ready dict (what config.json and every checkpoint store)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def write_config(workdir: str, config_json: dict) -> None:
+  """Writes workdir/config.json atomically."""
+  with fileio.atomic_open(path(workdir, CONFIG_FILE)) as f:
+    json.dump(config_json, f, indent=2, sort_keys=True)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run config stored in workdir/config.json."""
+  config_path = path(workdir, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{config_path} does not exist: {workdir!r} is not a run folder "
+                            "(train.py or igpt.import_openai makes one).")
+  try:
+    with open(config_path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{config_path} is not valid JSON ({e}).") from e
+
+
+def checkpointer(workdir: str, keep: int = 1) -> Checkpointer:
+  """The run's checkpoint manager (keeps the newest `keep` steps when saving)."""
+  return Checkpointer(path(workdir, CHECKPOINT_DIR), keep=keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A trained (or imported) model as entry points use it."""
+
+  workdir: str
+  config: ml_collections.ConfigDict
+  model_cfg: ModelConfig
+  palette: np.ndarray  # float32 [k, 3] in [-1, 1]
+  params: dict
+  step: int
+
+
+def abstract_params(model_cfg: ModelConfig, mesh=None, rules=()):
+  """Shapes of `model_cfg`'s params with shardings: replicated on one device, or laid out on
+  `mesh` by the logical-axis `rules`."""
+  shapes = jax.eval_shape(lambda: model.init_params(model_cfg, jax.random.key(0)))
+  if mesh is None:
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: one, shapes)
+  else:
+    shardings = sharding.logical_to_shardings(model.logical_axes(model_cfg), shapes, mesh, rules)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
+def load_run(workdir: str, step: int | None = None, mesh=None) -> Run:
+  """Config, palette and params of the run in `workdir` at `step` (default: the newest).
+
+  Only the params are read (no optimiser state), onto the first local device or, with `mesh`,
+  sharded by the run's logical-axis rules.
+  """
+  config = read_config(workdir)
+  model_cfg = model_config(config)
+  palette_path = path(workdir, PALETTE_FILE)
+  if not os.path.isfile(palette_path):
+    raise FileNotFoundError(f"{palette_path} does not exist: the run in {workdir!r} has no "
+                            "palette (was it started and killed before its first checkpoint?).")
+  centers = palette.load_palette(palette_path)
+  if len(centers) > model_cfg.vocab_size:
+    raise ValueError(f"{palette_path} has {len(centers)} colours but the model has "
+                     f"model.vocab_size={model_cfg.vocab_size} tokens.")
+  with checkpointer(workdir) as ckpt:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train the run first (or "
+                              "let it reach train.checkpoint_every_steps).")
+    step = steps[-1] if step is None else int(step)
+    rules = sharding.rules_from_config(config) if mesh is not None else ()
+    restored, _ = ckpt.restore(step, {"params": abstract_params(model_cfg, mesh, rules)})
+  return Run(workdir=workdir, config=config, model_cfg=model_cfg,
+             palette=np.asarray(centers, np.float32), params=restored["params"], step=step)
+
+
+def save_run(workdir: str, config, centers: np.ndarray, params: dict, step: int = 0) -> None:
+  """Writes a params-only run (config.json, palette.npy, checkpoints/<step>/params).
+
+  For models that were not trained here (an imported checkpoint); `load_run` reads it.
+  """
+  model_cfg = model_config(config)
+  centers = palette.check_palette(centers, "the palette")
+  if len(centers) > model_cfg.vocab_size:
+    raise ValueError(f"the palette has {len(centers)} colours but model.vocab_size="
+                     f"{model_cfg.vocab_size}.")
+  expected = jax.tree.map(lambda s: s.shape, abstract_params(model_cfg))
+  got = jax.tree.map(np.shape, params)
+  if expected != got:
+    raise ValueError(f"params do not match the config's model {model_cfg}.")
+  os.makedirs(workdir, exist_ok=True)
+  config_json = config_to_json(config)
+  write_config(workdir, config_json)
+  palette.save_palette(path(workdir, PALETTE_FILE), centers)
+  with checkpointer(workdir) as ckpt:
+    ckpt.save(step, {"params": jax.tree.map(jax.numpy.asarray, params)},
+              {"data": {"next_step": step, "seed": config.seed}, "config": config_json})
