@@ -1,4 +1,4 @@
-"""Importing OpenAI's original iGPT release: TF checkpoints and token files.
+"""Importing OpenAI's original iGPT release: TF checkpoints, token files, the import command.
 
 The checkpoints here are written by TensorFlow itself, the way the release's were (TF1 graph
 variables under `model/`, Adam slots and global_step beside them, a sharded Saver), with random
@@ -10,15 +10,20 @@ rel_err = max|ours - ref| / max|ref| <= 1e-5.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
 import pytest
+from absl import flags
 
 from igpt import model, openai_release
-from test_parity import RTOL, rel_err
+from igpt import import_openai
+from test_parity import RTOL, _fixture_module, rel_err
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _forward = jax.jit(model.apply, static_argnums=0)
 NUM_SHARDS = 3
 STEP = 1000000
@@ -189,6 +194,13 @@ def bert_release(tmp_path_factory):
 def tokens():
   return np.random.default_rng(3).integers(0, 512, (3, 64), dtype=np.int32)
 
+
+@pytest.fixture
+def palette_file(tmp_path):
+  centers = np.random.default_rng(4).uniform(-1, 1, (512, 3)).astype(np.float32)
+  path = tmp_path / "kmeans_centers.npy"
+  np.save(path, centers)
+  return str(path)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -393,3 +405,198 @@ def test_token_source_missing_file_and_bad_split(tmp_path):
   (tmp_path / "cifar10_teY.npy").write_bytes(b"not an array")
   with pytest.raises(ValueError, match=r"cifar10_teY\.npy' is not a readable \.npy"):
     openai_release.token_source(str(tmp_path), "cifar10", "test")
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _fake_run_module(fail_after_first_file=False):
+  """Stands in for igpt.run: save_run writes the files it is given, as plain .npy/.json."""
+  saved = {}
+
+  def save_run(workdir, config, palette_centers, params, step):
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json())
+    if fail_after_first_file:
+      raise OSError("No space left on device")
+    np.save(os.path.join(workdir, "palette.npy"), palette_centers)
+    saved.update(config=config, palette=palette_centers, params=params, step=step)
+
+  return types.SimpleNamespace(save_run=save_run), saved
+
+
+@pytest.fixture
+def fake_run(monkeypatch):
+  import igpt
+  fake, saved = _fake_run_module()
+  monkeypatch.setitem(sys.modules, "igpt.run", fake)
+  monkeypatch.setattr(igpt, "run", fake, raising=False)
+  return saved
+
+
+def cli(argv):
+  """Runs the command in this process: (exit status, stdout, stderr) via capsys by the caller."""
+  flags.FLAGS.unparse_flags()
+  try:
+    rest = import_openai.parse_flags(["import_openai", *argv])
+    import_openai.main(rest)
+  except SystemExit as e:
+    return e.code
+  return 0
+
+
+def _assert_one_line_error(capsys, code, match):
+  err = capsys.readouterr().err
+  assert code == 2, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), err
+  assert match in lines[0], lines[0]
+
+
+def test_import_writes_run_folder(ar_release, palette_file, tmp_path, fake_run, capsys):
+  prefix, _ = ar_release
+  out = tmp_path / "runs" / "igpt_s_openai"
+  out.parent.mkdir()
+  assert cli(["--checkpoint", prefix, "--palette", palette_file, "--out", str(out)]) == 0
+  assert sorted(os.listdir(out.parent)) == ["igpt_s_openai"]  # no temp folder left
+  assert sorted(os.listdir(out)) == ["config.json", "palette.npy"]
+  c = fake_run["config"]
+  assert (c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.image_side) == (
+      2, 32, 4, 4)
+  assert (c.objective, c.model.vocab_size, c.data.palette_size) == ("ar", 512, 512)
+  assert c.data.palette_path == palette_file
+  assert fake_run["step"] == STEP
+  np.testing.assert_array_equal(fake_run["palette"], np.load(palette_file))
+  _, params = openai_release.load_tf_checkpoint(prefix)
+  jax.tree.map(np.testing.assert_array_equal, fake_run["params"], params)
+
+
+def test_import_bert_sets_objective(bert_release, palette_file, tmp_path, fake_run, capsys):
+  out = tmp_path / "bert"
+  assert cli(["--checkpoint", bert_release[0], "--palette", palette_file, "--out", str(out)]) == 0
+  assert fake_run["config"].objective == "bert"
+  assert fake_run["config"].model.image_side == 8
+
+
+def _bad_palette(tmp_path, value):
+  path = tmp_path / "bad_palette.npy"
+  np.save(path, value)
+  return str(path)
+
+
+@pytest.mark.parametrize("case", ["no-tensorflow", "wrong-prefix", "gpt2", "missing-variable",
+                                  "misshapen-variable", "palette-shape", "palette-range",
+                                  "palette-nan", "out-exists", "bert-hf-out", "flag-missing",
+                                  "disk-full"])
+def test_import_errors_are_one_line_and_leave_nothing(case, ar_release, bert_release,
+                                                      palette_file, tmp_path, fake_run,
+                                                      monkeypatch, capsys):
+  ar_prefix, variables = ar_release
+  work = tmp_path / "work"
+  work.mkdir()
+  out = work / "out"
+  args = {"--checkpoint": ar_prefix, "--palette": palette_file, "--out": str(out)}
+  match = {
+      "no-tensorflow": '.[openai]', "wrong-prefix": "no TensorFlow checkpoint at prefix",
+      "gpt2": "not an iGPT checkpoint", "missing-variable": "missing variable model/h1/ln_2/g",
+      "misshapen-variable": "model/h0/mlp/c_proj/w has shape (100, 32)",
+      "palette-shape": "(256, 3)", "palette-range": "[-1, 1]", "palette-nan": "NaN",
+      "out-exists": "already exists", "bert-hf-out": "BERT", "flag-missing": "--palette",
+      "disk-full": "No space left on device"}[case]
+  if case == "no-tensorflow":
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+  elif case == "wrong-prefix":
+    args["--checkpoint"] = str(tmp_path / "downloads" / "model.ckpt-1000000")
+  elif case in ("gpt2", "missing-variable", "misshapen-variable"):
+    v = dict(variables)
+    if case == "gpt2":
+      v = {k: x for k, x in v.items() if not k.endswith(("wtet", "_proj"))}
+      v["model/h0/attn/c_attn/w"] = np.zeros((1, 32, 96), np.float32)
+    elif case == "missing-variable":
+      del v["model/h1/ln_2/g"]
+    else:
+      v["model/h0/mlp/c_proj/w"] = np.zeros((100, 32), np.float32)
+    args["--checkpoint"] = write_tf1_checkpoint(tmp_path / "ckpt", v, shards=1)
+  elif case == "palette-shape":
+    args["--palette"] = _bad_palette(tmp_path, np.zeros((256, 3), np.float32))
+  elif case == "palette-range":
+    args["--palette"] = _bad_palette(tmp_path, np.full((512, 3), 127.0, np.float32))
+  elif case == "palette-nan":
+    args["--palette"] = _bad_palette(tmp_path, np.full((512, 3), np.nan, np.float32))
+  elif case == "out-exists":
+    out.mkdir()
+  elif case == "bert-hf-out":
+    args["--checkpoint"] = bert_release[0]
+    args["--hf_out"] = str(work / "hf")
+  elif case == "flag-missing":
+    del args["--palette"]
+  elif case == "disk-full":
+    import igpt
+    failing, _ = _fake_run_module(fail_after_first_file=True)
+    monkeypatch.setitem(sys.modules, "igpt.run", failing)
+    monkeypatch.setattr(igpt, "run", failing)
+  before = sorted(os.listdir(work))
+  code = cli([x for kv in args.items() for x in kv])
+  _assert_one_line_error(capsys, code, match)
+  assert sorted(os.listdir(work)) == before  # no output, no temp folder
+
+
+def test_debug_flag_shows_the_exception(tmp_path, palette_file):
+  with pytest.raises(FileNotFoundError):
+    cli(["--checkpoint", str(tmp_path / "nope"), "--palette", palette_file,
+         "--out", str(tmp_path / "out"), "--debug"])
+
+
+def test_command_line_error_in_a_fresh_process(tmp_path, palette_file):
+  """The real entry point (absl app.run): one stderr line, exit status 2."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run(
+      [sys.executable, "-m", "igpt.import_openai", "--checkpoint", str(tmp_path / "model.ckpt-1"),
+       "--palette", palette_file, "--out", str(tmp_path / "out")],
+      capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      f"error: no TensorFlow checkpoint at prefix '{tmp_path / 'model.ckpt-1'}': expected "
+      f"{tmp_path / 'model.ckpt-1'}.index and {tmp_path / 'model.ckpt-1'}.data-00000-of-000NN "
+      "... (the .meta file is not needed)."]
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_imported_run_loads_back(ar_release, palette_file, tmp_path, tokens, capsys):
+  """Through the real igpt.run (skipped while this checkout has no save_run)."""
+  import igpt
+  run = pytest.importorskip("igpt.run")
+  if not hasattr(run, "save_run"):
+    pytest.skip("igpt.run has no save_run yet")
+  if os.path.dirname(run.__file__) != os.path.dirname(igpt.__file__):
+    # An editable install of another checkout can supply modules this one lacks.
+    pytest.skip(f"igpt.run comes from another checkout ({run.__file__})")
+  prefix, variables = ar_release
+  out = tmp_path / "run"
+  assert cli(["--checkpoint", prefix, "--palette", palette_file, "--out", str(out)]) == 0
+  loaded = run.load_run(str(out))
+  assert loaded.step == STEP and loaded.model_cfg.causal
+  np.testing.assert_array_equal(loaded.palette, np.load(palette_file))
+  params = jax.tree.map(np.asarray, loaded.params)
+  errs = release_errors(loaded.model_cfg, params, variables, tokens[:, :16])
+  assert max(errs.values()) <= RTOL, errs
+
+
+def test_hf_export_of_imported_checkpoint(ar_release, palette_file, tmp_path, fake_run, tokens,
+                                          capsys):
+  """--hf_out loads in transformers and gives the release graph's logits and hidden states."""
+  pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  prefix, variables = ar_release
+  hf_out = tmp_path / "hf"
+  assert cli(["--checkpoint", prefix, "--palette", palette_file, "--out", str(tmp_path / "run"),
+              "--hf_out", str(hf_out)]) == 0
+  assert sorted(os.listdir(tmp_path)) == ["hf", "kmeans_centers.npy", "run"]
+  hf_model, info = transformers.ImageGPTForCausalImageModeling.from_pretrained(
+      str(hf_out), output_loading_info=True, attn_implementation="eager")
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  x = tokens[:, :16]
+  hf = _fixture_module().hf_reference(hf_model.float().eval(), x)
+  errs = compare(hf["logits"], _by_reference_name(hf, "hidden/"),
+                 *reference_forward(variables, x, causal=True))
+  assert max(errs.values()) <= RTOL, errs
