@@ -385,7 +385,7 @@ def test_large_token_files_are_checked_per_batch(tmp_path, monkeypatch):
   monkeypatch.setattr(openai_release, "_EAGER_CHECK_BYTES", 0)
   src = openai_release.token_source(str(tmp_path), "cifar10", "train")  # no full scan
   src.get_tokens([0, 1, 7])
-  with pytest.raises(ValueError, match=r"image 5 has a token outside \[0, 512\) \(min \d+, max 700\)"):
+  with pytest.raises(ValueError, match=r"image 5 has a token outside \[0, 512\) .*max 700"):
     src.get_tokens([1, 5])
 
 
@@ -435,7 +435,7 @@ def fake_run(monkeypatch):
 
 
 def cli(argv):
-  """Runs the command in this process: (exit status, stdout, stderr) via capsys by the caller."""
+  """Runs the command in this process; its exit status (output: the caller's capsys)."""
   flags.FLAGS.unparse_flags()
   try:
     rest = import_openai.parse_flags(["import_openai", *argv])
