@@ -61,6 +61,10 @@ def base_config(*, num_layers: int, d_model: int, num_heads: int, image_side: in
       checkpoint_every_steps=5000,
       keep_checkpoints=3,
       peak_flops_per_device=0.0,  # 0 = look it up from the device kind for MFU
+      # A jax.profiler trace of profile_num_steps steps from profile_start_step (0 = none),
+      # into <workdir>/profile/ (TensorBoard's profile tab or Perfetto).
+      profile_start_step=0,
+      profile_num_steps=0,
   ))
 
   # Mesh axis sizes; -1 = all remaining devices. Pure FSDP by default.

@@ -3,6 +3,8 @@
     <workdir>/config.json         the resolved run config (written at the start of a run)
     <workdir>/palette.npy         the colour palette the run's tokens use ([k, 3] in [-1, 1])
     <workdir>/metrics.jsonl       one JSON record per log step and per evaluation
+    <workdir>/tensorboard/        the same scalars (and training samples) for TensorBoard
+    <workdir>/profile/            jax.profiler traces, when train.profile_num_steps > 0
     <workdir>/checkpoints/<step>/ orbax: `params`, `train_state` (optimiser; absent in an
                                   imported run) and `extra` (data position, config)
 
@@ -28,6 +30,8 @@ from igpt.model import ModelConfig
 CONFIG_FILE = "config.json"
 PALETTE_FILE = "palette.npy"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+PROFILE_DIR = "profile"
 CHECKPOINT_DIR = "checkpoints"
 
 

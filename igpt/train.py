@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from igpt import (distributed, guards, losses, metrics, model, objectives, optim, palette,
-                  pipeline, readers, run, sharding)
+                  pipeline, readers, run, sharding, summaries)
 from igpt.model import ModelConfig
 
 
@@ -79,6 +79,9 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
   for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
     if t[name] < 1:
       raise ValueError(f"train.{name}={t[name]} must be >= 1.")
+  for name in ("profile_start_step", "profile_num_steps"):
+    if t[name] < 0:
+      raise ValueError(f"train.{name}={t[name]} must be >= 0 (profile_num_steps=0: no trace).")
   if config.data.palette_size > model_cfg.vocab_size:
     raise ValueError(
         f"model.vocab_size={model_cfg.vocab_size} is smaller than data.palette_size="
@@ -366,6 +369,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, _ = create_train_state(trainer, init_rng)
       start_step = 0
     writer.truncate_after(start_step)
+    tensorboard = summaries.SummaryWriter(run.path(workdir, run.TENSORBOARD_DIR),
+                                          enabled=is_writer, purge_step=start_step + 1)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     metrics.log("Model: %s, %s params, objective %s, attention kernel %s.", model_cfg,
                 f"{n_params:,}", config.objective, model_cfg.attention_implementation())
@@ -415,9 +420,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last_good = last_saved
     window_start_s, window_step = time.time(), start_step
     batch = first_batch
+    profile_steps = range(t.profile_start_step, t.profile_start_step + t.profile_num_steps)
+    profiling = False
     with jax.set_mesh(mesh):
       for step in range(start_step, t.total_steps):
+        if step in profile_steps and not profiling:
+          jax.profiler.start_trace(run.path(workdir, run.PROFILE_DIR))
+          profiling, profile_first = True, step
         state, step_metrics = compiled_step(state, batch, jax.random.fold_in(step_rng, step))
+        if profiling and step == profile_steps[-1]:
+          jax.block_until_ready(state)  # the trace must hold the whole last step
+          jax.profiler.stop_trace()
+          profiling = False
+          metrics.log("Profiled steps %d-%d into %s.", profile_first, step,
+                      run.path(workdir, run.PROFILE_DIR))
         done = step + 1  # steps completed == the state's step counter
         pending.append((done, step_metrics))
         if done < t.total_steps:
@@ -446,6 +462,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             record.update(throughput((done - window_step) / elapsed_s, t.total_steps - done))
           metrics.log("%s", metrics.progress_line(done, t.total_steps, record))
           writer.write(done, **record)
+          tensorboard.scalars(done, record, prefix="train/")
+          tensorboard.flush()
           final.update({k: v for k, v in record.items() if k != "loss"})
           window_losses = []
           window_start_s, window_step = time.time(), done
@@ -456,6 +474,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       "%d examples", done, ev["eval_loss"], ev["eval_bits_per_dim"],
                       ev["eval_examples"])
           writer.write(done, **ev)
+          tensorboard.scalars(done, ev, prefix="eval/")
+          tensorboard.flush()
           final.update(ev)
 
         if do_save:
@@ -466,4 +486,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
       if start_step >= t.total_steps:  # resumed a finished run: just report its eval
         final.update(run_eval())
+    tensorboard.close()
   return final

@@ -329,3 +329,25 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
   # The resumed run's metrics continue the file without duplicated steps.
   resumed_steps = [r["step"] for r in th.read_metrics(killed) if "loss" in r]
   assert resumed_steps == sorted(set(resumed_steps)) and resumed_steps[-1] == steps
+  # So do its TensorBoard curves (as TensorBoard reads them): the steps of metrics.jsonl, once.
+  _assert_tensorboard_matches_metrics(killed)
+
+
+def _assert_tensorboard_matches_metrics(workdir):
+  scalars = th.read_tensorboard_scalars(workdir)
+  records = th.read_metrics(workdir)
+  for prefix, key in (("train/", "loss"), ("eval/", "eval_loss")):
+    want = [(r["step"], r[key]) for r in records if key in r]
+    got = scalars[prefix + key]
+    assert [s for s, _ in got] == [s for s, _ in want], (prefix, got, want)
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
+  assert {"train/grad_norm", "train/lr", "train/tokens_per_s", "eval/eval_bits_per_dim"} <= set(scalars)
+
+
+def test_tensorboard_scalars_and_profile_trace(tmp_path):
+  workdir = str(tmp_path / "w")
+  th.run(th.cli_args(workdir, **{"train.profile_start_step": 2, "train.profile_num_steps": 2}))
+  _assert_tensorboard_matches_metrics(workdir)
+  traces = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(workdir, "profile"))
+            for f in files if f.endswith((".xplane.pb", ".trace.json.gz"))]
+  assert traces, os.listdir(workdir)

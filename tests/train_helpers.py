@@ -90,3 +90,14 @@ def restore_latest(config, workdir: str, mesh=None):
   finally:
     ckpt.close()
   return step, state, extra
+
+
+def read_tensorboard_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value), ...]} as TensorBoard itself reads workdir/tensorboard (purges
+  applied), not as the writer meant it."""
+  from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
+
+  acc = event_accumulator.EventAccumulator(os.path.join(workdir, "tensorboard"),
+                                           size_guidance={"scalars": 0, "images": 0})
+  acc.Reload()
+  return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
