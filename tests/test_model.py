@@ -295,7 +295,8 @@ def test_attention_choices_agree_on_cpu(causal):
   for choice in ("auto", "blocked", "xla"):
     c = model.ModelConfig(**{**cfg.__dict__, "attention": choice})
     outs[choice] = model.apply(c, params, tokens)
-  assert model.ModelConfig(**{**cfg.__dict__, "attention": "auto"}).attention_implementation() == "blocked"
+  if jax.default_backend() == "cpu":
+    assert model.ModelConfig(**{**cfg.__dict__, "attention": "auto"}).attention_implementation() == "blocked"
   for choice in ("auto", "xla"):
     for name in outs["blocked"][1]:
       _assert_close(outs[choice][1][name], outs["blocked"][1][name], rtol=1e-5)
