@@ -3,7 +3,10 @@
   python train.py --config configs/tiny.py --workdir runs/tiny
   python train.py --config configs/igpt_s.py --workdir runs/igpt_s --config.optim.lr=1e-3
 
-Rerunning the same command resumes from the newest checkpoint in --workdir. Multi-host: run the
+Rerunning the same command resumes from the newest checkpoint in --workdir (with the same
+model and data settings; total_steps and the log/eval/checkpoint cadence may change). Mistakes
+end in one `error: ...` line and exit status 2; --debug (or IGPT_DEBUG=1) shows the traceback.
+Multi-host: run the
 same command on every host (TPU pods, SLURM, Open MPI are detected), or set
 --config.distributed=True with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
 """
@@ -11,7 +14,7 @@ same command on every host (TPU pods, SLURM, Open MPI are detected), or set
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from igpt import cli
+from igpt import cli, metrics
 from igpt.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
@@ -26,11 +29,11 @@ def main(argv):
 
   def train():
     final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    logging.info("Done: %s", final)
+    logging.info("Done: %s", metrics.summary_line(final))
 
   cli.run_main(train, interrupted_hint=f"rerun the same command to resume from the newest "
                                        f"checkpoint in {_WORKDIR.value}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
