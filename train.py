@@ -11,6 +11,8 @@ same command on every host (TPU pods, SLURM, Open MPI are detected), or set
 --config.distributed=True with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
 """
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -31,8 +33,17 @@ def main(argv):
     final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     logging.info("Done: %s", metrics.summary_line(final))
 
-  cli.run_main(train, interrupted_hint=f"rerun the same command to resume from the newest "
-                                       f"checkpoint in {_WORKDIR.value}")
+  cli.run_main(train, interrupted_hint=lambda: resume_hint(_WORKDIR.value))
+
+
+def resume_hint(workdir: str) -> str:
+  """Where rerunning the command continues from (read after the run stopped)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+  if not steps:
+    return f"no checkpoint in {workdir} yet; rerunning the same command starts over"
+  return (f"rerun the same command to resume from checkpoint {max(steps)} in "
+          f"{os.path.join(workdir, 'checkpoints')}")
 
 
 if __name__ == "__main__":

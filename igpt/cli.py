@@ -32,12 +32,19 @@ USER_ERRORS = (ValueError, OSError, ImportError, NonFiniteLossError, DivergedErr
 
 class _QuietConsole:
   """Drops chatter from the console: Orbax's per-save INFO lines, and JAX's note that it found
-  no TPU (it then uses the GPU or CPU, as asked); warnings still show."""
+  no TPU (it then uses the GPU or CPU, as asked). Orbax's errors keep their one line but lose
+  their tracebacks (the error reaches the entry point, which reports it); --debug keeps them."""
+
+  def __init__(self, debug: bool):
+    self.debug = debug
 
   def filter(self, record):
+    from_orbax = "/orbax/" in record.pathname
     if record.levelno >= pylogging.WARNING:
+      if from_orbax and not self.debug:
+        record.exc_info, record.exc_text = None, None
       return True
-    if "/orbax/" in record.pathname:
+    if from_orbax:
       return False
     return not str(record.msg).startswith("Unable to initialize backend")
 
@@ -89,17 +96,20 @@ def parse_flags(argv):
     fail(f"cannot read the config: {type(e).__name__}: {error_line(e)}")
 
 
-def run_main(main, interrupted_hint: str = "", debug_hint: bool = True) -> None:
+def run_main(main, interrupted_hint="", debug_hint: bool = True) -> None:
   """Calls `main()` with the entry-point error style (see the module docstring).
 
-  `debug_hint`: add a second line saying that --debug shows the traceback.
+  `interrupted_hint`: a line for Ctrl-C, or a function that makes it then (where to resume
+  from is only known at that time). `debug_hint`: add a line saying that --debug shows the
+  traceback.
   """
-  logging.get_absl_handler().addFilter(_QuietConsole())
   debug = debug_enabled()
+  logging.get_absl_handler().addFilter(_QuietConsole(debug))
   try:
     main()
   except KeyboardInterrupt:
-    sys.stderr.write(f"\ninterrupted{': ' + interrupted_hint if interrupted_hint else ''}\n")
+    hint = interrupted_hint() if callable(interrupted_hint) else interrupted_hint
+    sys.stderr.write(f"\ninterrupted{': ' + hint if hint else ''}\n")
     sys.exit(EXIT_INTERRUPTED)
   except USER_ERRORS as e:
     if debug:

@@ -341,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except workdirs.WorkdirError:
       raise
     except Exception as e:
-      if workdirs.is_write_failure(e):
+      if workdirs.is_write_failure(e, workdir):
         raise workdirs.write_error(e, workdir) from e
       raise
 

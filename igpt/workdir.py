@@ -115,10 +115,15 @@ def write_error(e: BaseException, path: str) -> WorkdirError:
   return WorkdirError(f"cannot write {path}: {type(e).__name__}: {text.splitlines()[0][:300]}")
 
 
-def is_write_failure(e: BaseException) -> bool:
-  """Whether `e` is a refused write (disk full, read-only, permission), however wrapped."""
-  if find_write_error(e) is not None:
-    return True
+def is_write_failure(e: BaseException, workdir: str | None = None) -> bool:
+  """Whether `e` is a refused write (disk full, read-only, permission), however wrapped;
+  with `workdir`, only one inside it (an unreadable data file is not a write failure)."""
+  os_error = find_write_error(e)
+  if os_error is not None:
+    if workdir is None or not os_error.filename:
+      return True
+    inside = os.path.abspath(os.fspath(os_error.filename))
+    return inside.startswith(os.path.abspath(workdir) + os.sep)
   text = str(e)
   return any(r in text for r in ("No space left on device", "Read-only file system",
                                  "Permission denied", "Disk quota exceeded"))
