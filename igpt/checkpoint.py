@@ -148,8 +148,8 @@ class Checkpointer:
         + [f"{k}: shape {saved[k]} in the checkpoint, {wanted[k]} in abstract_state"
            for k in wanted.keys() & saved.keys() if saved[k] != wanted[k]])
     if problems:
-      raise TreeMismatchError(f"Checkpoint {self.directory}/{step} does not match abstract_state:\n  "
-                       + "\n  ".join(problems))
+      raise TreeMismatchError(f"Checkpoint {self.directory}/{step} does not match "
+                              "abstract_state:\n  " + "\n  ".join(problems))
 
   def wait(self) -> None:
     """Blocks until every started save is finalised (and raises its error, if any)."""

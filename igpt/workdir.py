@@ -1,9 +1,9 @@
 """Keeping a run folder whole: one run at a time, config identity on resume, damaged
 checkpoints set aside, and write failures reported as one line.
 
-  with workdir.lock(path):                      # a second run on `path` fails at once
-    workdir.check_identity(stored, current)     # resume only with the same model and data
-    step, state, extra = workdir.restore_newest(ckpt, abstract_state, on_extra)
+  with workdir.lock(path):           # a second run on `path` fails at once
+    workdir.check_identity(stored_config, config, path, "checkpoint 8")   # same model, data
+    step, state, extra = workdir.restore_newest(ckpt, abstract_state, on_extra, log)
 """
 
 from __future__ import annotations
@@ -177,6 +177,9 @@ def check_identity(stored: dict, current: dict, workdir: str, source: str) -> li
 def move_aside(ckpt, step: int, reason: str, log) -> str:
   """Renames the unreadable checkpoint `step` to `<step>.damaged[-n]` (kept for a post-mortem)."""
   src = os.path.join(ckpt.directory, str(step))
+  if not os.path.isdir(src):  # another process of a multi-host run moved it first
+    ckpt.reload()
+    return src
   dst, n = f"{src}.damaged", 1
   while os.path.exists(dst):
     n += 1

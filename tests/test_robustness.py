@@ -162,9 +162,13 @@ def _largest_file(folder):
 
 
 # Each kind of damage, applied to one checkpoint of a copy (newest first).
+def _data_dir(checkpoint, item):
+  return checkpoint / item / "ocdbt.process_0" / "d"
+
+
 DAMAGE = {
-    12: ("truncated data file", lambda d: os.truncate(_largest_file(d / "params" / "ocdbt.process_0" / "d"), 100)),
-    10: ("deleted data file", lambda d: os.remove(_largest_file(d / "train_state" / "ocdbt.process_0" / "d"))),
+    12: ("truncated data file", lambda d: os.truncate(_largest_file(_data_dir(d, "params")), 100)),
+    10: ("deleted data file", lambda d: os.remove(_largest_file(_data_dir(d, "train_state")))),
     8: ("deleted _METADATA", lambda d: os.remove(d / "params" / "_METADATA")),
     6: ("empty extra", lambda d: open(d / "extra" / "metadata", "w").close()),
     4: ("missing extra", lambda d: shutil.rmtree(d / "extra")),
@@ -172,7 +176,7 @@ DAMAGE = {
 
 
 def test_damaged_checkpoints_are_set_aside_and_resume_reaches_the_same_params(finished, tmp_path):
-  workdir = copy_of(finished, tmp_path)
+  workdir = copy_of(finished, tmp_path)  # its .lock is a stale one: taken over
   for step, (_, damage) in DAMAGE.items():
     damage(workdir / "checkpoints" / str(step))
   with open(workdir / "metrics.jsonl", "a") as f:
