@@ -33,7 +33,7 @@ def main(argv):
     final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     logging.info("Done: %s", metrics.summary_line(final))
 
-  cli.run_main(train, interrupted_hint=lambda: resume_hint(_WORKDIR.value))
+  cli.run_main(train, interrupted_hint=lambda: resume_hint(_WORKDIR.value), hard_exit=True)
 
 
 def resume_hint(workdir: str) -> str:

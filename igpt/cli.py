@@ -62,10 +62,20 @@ def error_line(e: BaseException) -> str:
   return " ".join(text.split("\n"))
 
 
-def fail(message: str, hint: str = "") -> None:
+def fail(message: str, hint: str = "", hard_exit: bool = False) -> None:
   """Prints `error: message` (and `hint`) on stderr and exits with status 2."""
   sys.stderr.write(f"error: {message}\n" + (f"{hint}\n" if hint else ""))
-  sys.exit(EXIT_USER_ERROR)
+  _exit(EXIT_USER_ERROR, hard_exit)
+
+
+def _exit(status: int, hard: bool) -> None:
+  if hard:
+    # No interpreter teardown: after a failed background write, Orbax's threads would go on
+    # logging and printing tracebacks under the one line that matters.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+  sys.exit(status)
 
 
 def _flag_value(argv, name: str) -> str:
@@ -96,12 +106,14 @@ def parse_flags(argv):
     fail(f"cannot read the config: {type(e).__name__}: {error_line(e)}")
 
 
-def run_main(main, interrupted_hint="", debug_hint: bool = True) -> None:
+def run_main(main, interrupted_hint="", debug_hint: bool = True,
+             hard_exit: bool = False) -> None:
   """Calls `main()` with the entry-point error style (see the module docstring).
 
   `interrupted_hint`: a line for Ctrl-C, or a function that makes it then (where to resume
   from is only known at that time). `debug_hint`: add a line saying that --debug shows the
-  traceback.
+  traceback. `hard_exit`: end the process at once after the line (for programs with
+  background writers; not for callers that catch SystemExit).
   """
   debug = debug_enabled()
   logging.get_absl_handler().addFilter(_QuietConsole(debug))
@@ -110,8 +122,9 @@ def run_main(main, interrupted_hint="", debug_hint: bool = True) -> None:
   except KeyboardInterrupt:
     hint = interrupted_hint() if callable(interrupted_hint) else interrupted_hint
     sys.stderr.write(f"\ninterrupted{': ' + hint if hint else ''}\n")
-    sys.exit(EXIT_INTERRUPTED)
+    _exit(EXIT_INTERRUPTED, hard_exit)
   except USER_ERRORS as e:
     if debug:
       raise
-    fail(error_line(e), "(run with --debug for the traceback)" if debug_hint else "")
+    fail(error_line(e), "(run with --debug for the traceback)" if debug_hint else "",
+         hard_exit)

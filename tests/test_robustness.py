@@ -226,14 +226,14 @@ def test_diverging_run_stops_before_its_checkpoint(tmp_path):
 def test_sigint_then_resume_with_safe_changes(tmp_path):
   workdir = tmp_path / "run"
   # Enough steps that the run is still going when the signal lands (log lines sync each 2).
-  overrides = {"train.total_steps": 300, "train.log_every_steps": 2,
+  overrides = {"train.total_steps": 120, "train.log_every_steps": 2,
                "train.checkpoint_every_steps": 4}
   proc = subprocess.Popen(th.cli_args(str(workdir), **overrides), env=th.env(1), cwd=th.REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines = []
   for line in proc.stdout:
     lines.append(line)
-    if "step 8/300" in line:  # checkpoint 4 is written
+    if "step 8/120" in line:  # checkpoint 4 is written
       proc.send_signal(signal.SIGINT)
       break
   rest = proc.communicate(timeout=120)[0]
@@ -244,13 +244,13 @@ def test_sigint_then_resume_with_safe_changes(tmp_path):
   assert tail and "rerun the same command to resume from checkpoint" in tail[-1], tail
   assert str(workdir) in tail[-1]
   # Safe fields may change on resume; they are logged.
-  rc, out = cli(workdir, **{**overrides, "train.total_steps": 320, "train.log_every_steps": 40,
+  rc, out = cli(workdir, **{**overrides, "train.total_steps": 128, "train.log_every_steps": 64,
                             "train.keep_checkpoints": 1})
   assert rc == 0, out[-3000:]
   assert "Resumed from checkpoint" in out
-  assert "changed settings" in out and "train.total_steps: 300 -> 320" in out
-  assert json.load(open(workdir / "config.json"))["train"]["total_steps"] == 320
-  assert run.load_run(str(workdir)).step == 320
+  assert "changed settings" in out and "train.total_steps: 120 -> 128" in out
+  assert json.load(open(workdir / "config.json"))["train"]["total_steps"] == 128
+  assert run.load_run(str(workdir)).step == 128
 
 
 def _mount(*args) -> bool:
