@@ -3,15 +3,20 @@
   python train.py --config configs/tiny.py --workdir runs/tiny
   python train.py --config configs/igpt_s.py --workdir runs/igpt_s --config.optim.lr=1e-3
 
-Rerunning the same command resumes from the newest checkpoint in --workdir. Multi-host: run the
+Rerunning the same command resumes from the newest checkpoint in --workdir (with the same
+model and data settings; total_steps and the log/eval/checkpoint cadence may change). Mistakes
+end in one `error: ...` line and exit status 2; --debug (or IGPT_DEBUG=1) shows the traceback.
+Multi-host: run the
 same command on every host (TPU pods, SLURM, Open MPI are detected), or set
 --config.distributed=True with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
 """
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from igpt import cli
+from igpt import cli, metrics
 from igpt.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
@@ -26,11 +31,20 @@ def main(argv):
 
   def train():
     final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    logging.info("Done: %s", final)
+    logging.info("Done: %s", metrics.summary_line(final))
 
-  cli.run_main(train, interrupted_hint=f"rerun the same command to resume from the newest "
-                                       f"checkpoint in {_WORKDIR.value}")
+  cli.run_main(train, interrupted_hint=lambda: resume_hint(_WORKDIR.value), hard_exit=True)
+
+
+def resume_hint(workdir: str) -> str:
+  """Where rerunning the command continues from (read after the run stopped)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+  if not steps:
+    return f"no checkpoint in {workdir} yet; rerunning the same command starts over"
+  return (f"rerun the same command to resume from checkpoint {max(steps)} in "
+          f"{os.path.join(workdir, 'checkpoints')}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -30,6 +30,10 @@ def _leaf_name(path) -> str:
   return ".".join(str(k) for k in keys)
 
 
+class TreeMismatchError(ValueError):
+  """A checkpoint holds other leaves or shapes than asked for (another model, not damage)."""
+
+
 PARAMS_ITEM = "params"
 REST_ITEM = "train_state"  # every other top-level key of the state dict
 EXTRA_ITEM = "extra"
@@ -106,6 +110,19 @@ class Checkpointer:
       state[PARAMS_ITEM] = out[PARAMS_ITEM]
     return {k: state[k] for k in abstract_state}, out[EXTRA_ITEM]
 
+  def read_extra(self, step: int) -> dict:
+    """The `extra` dict of `step` alone (no arrays read)."""
+    out = self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+    return out[EXTRA_ITEM]
+
+  def reload(self) -> None:
+    """Re-reads the steps on disk (after a step folder was moved away by hand)."""
+    self._manager.reload()
+
+  def check_for_errors(self) -> None:
+    """Raises the error of a background save that failed since the last call, if any."""
+    self._manager.check_for_errors()
+
   def has_train_state(self, step: int) -> bool:
     """Whether `step` holds optimiser state (an imported, params-only run does not)."""
     return os.path.isdir(os.path.join(self.directory, str(step), REST_ITEM))
@@ -115,7 +132,10 @@ class Checkpointer:
     metadata = self._manager.item_metadata(step)
     saved = {}
     for name, tree in _split(abstract_state).items():
-      on_disk = metadata[name] if os.path.isdir(os.path.join(self.directory, str(step), name)) else None
+      item_dir = os.path.join(self.directory, str(step), name)
+      on_disk = metadata[name] if os.path.isdir(item_dir) else None
+      if on_disk is None and os.path.isdir(item_dir):
+        raise ValueError(f"{item_dir} is there but its metadata does not read")
       if on_disk is not None:
         named = {PARAMS_ITEM: on_disk} if name == PARAMS_ITEM else on_disk
         saved.update({_leaf_name(p): tuple(m.shape) for p, m in jax.tree.leaves_with_path(named)})
@@ -128,8 +148,8 @@ class Checkpointer:
         + [f"{k}: shape {saved[k]} in the checkpoint, {wanted[k]} in abstract_state"
            for k in wanted.keys() & saved.keys() if saved[k] != wanted[k]])
     if problems:
-      raise ValueError(f"Checkpoint {self.directory}/{step} does not match abstract_state:\n  "
-                       + "\n  ".join(problems))
+      raise TreeMismatchError(f"Checkpoint {self.directory}/{step} does not match "
+                              "abstract_state:\n  " + "\n  ".join(problems))
 
   def wait(self) -> None:
     """Blocks until every started save is finalised (and raises its error, if any)."""

@@ -1,8 +1,12 @@
 """What every entry point shares: config files, and how errors reach the user.
 
-A user's mistake (a bad config value, a missing file, a folder that is not a run) ends in one
-line `error: ...` and exit status 2; `--debug` (or IGPT_DEBUG=1) shows the traceback instead.
-Ctrl-C ends with one line. Anything else is a bug and keeps its traceback.
+A user's mistake (a bad config value or flag, a missing file, a folder that is not a run or is
+in use, a full or read-only disk, a diverged run) ends in one line `error: ...` and exit
+status 2; `--debug` (or IGPT_DEBUG=1) shows the traceback instead. Ctrl-C ends with one line.
+Anything else is a bug and keeps its traceback.
+
+    app.run(main, flags_parser=cli.parse_flags)   # flag and config-file mistakes
+    cli.run_main(work, interrupted_hint="...")    # everything the work raises
 """
 
 from __future__ import annotations
@@ -13,33 +17,114 @@ import sys
 
 from absl import flags, logging
 
-from igpt.guards import NonFiniteLossError
+from igpt.guards import DivergedError, NonFiniteLossError
 
-_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors too.")
+if "debug" not in flags.FLAGS:  # an entry point's module may define it first
+  flags.DEFINE_bool("debug", False, "Show tracebacks for user errors too.")
 
-# Errors that mean "the input is wrong", not "the code is wrong".
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError, NonFiniteLossError)
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+# Errors that mean "the input (or the machine's disk) is wrong", not "the code is wrong".
+# WorkdirError and the config errors are ValueErrors.
+USER_ERRORS = (ValueError, OSError, ImportError, NonFiniteLossError, DivergedError)
 
 
-class _QuietOrbax:
-  """Drops Orbax's per-save INFO chatter from the console; its warnings still show."""
+class _QuietConsole:
+  """Drops chatter from the console: Orbax's per-save INFO lines, and JAX's note that it found
+  no TPU (it then uses the GPU or CPU, as asked). Orbax's errors keep their one line but lose
+  their tracebacks (the error reaches the entry point, which reports it); --debug keeps them."""
+
+  def __init__(self, debug: bool):
+    self.debug = debug
 
   def filter(self, record):
-    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+    from_orbax = "/orbax/" in record.pathname
+    if record.levelno >= pylogging.WARNING:
+      if from_orbax and not self.debug:
+        record.exc_info, record.exc_text = None, None
+      return True
+    if from_orbax:
+      return False
+    return not str(record.msg).startswith("Unable to initialize backend")
 
 
-def run_main(main, interrupted_hint: str = "") -> None:
-  """Calls `main()` with the entry-point error style (see the module docstring)."""
-  logging.get_absl_handler().addFilter(_QuietOrbax())
-  debug = _DEBUG.value or os.environ.get("IGPT_DEBUG", "") not in ("", "0")
+def debug_enabled() -> bool:
+  return flags.FLAGS.debug or os.environ.get("IGPT_DEBUG", "") not in ("", "0")
+
+
+def error_line(e: BaseException) -> str:
+  """A user error as one readable line."""
+  if isinstance(e, OSError) and e.strerror:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror}"
+  text = str(e).strip() or type(e).__name__
+  return " ".join(text.split("\n"))
+
+
+def fail(message: str, hint: str = "", hard_exit: bool = False) -> None:
+  """Prints `error: message` (and `hint`) on stderr and exits with status 2."""
+  sys.stderr.write(f"error: {message}\n" + (f"{hint}\n" if hint else ""))
+  _exit(EXIT_USER_ERROR, hard_exit)
+
+
+def _exit(status: int, hard: bool) -> None:
+  if hard:
+    # No interpreter teardown: after a failed background write, Orbax's threads would go on
+    # logging and printing tracebacks under the one line that matters.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+  sys.exit(status)
+
+
+def _flag_value(argv, name: str) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "?"
+
+
+def parse_flags(argv):
+  """absl's flag parser, with flag and config-file mistakes reported as one `error:` line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(error_line(e))
+  except AttributeError as e:
+    if "get_config" in str(e):
+      fail(f"the config file {_flag_value(argv, 'config')} has no get_config() function; a "
+           "config file defines get_config() returning an ml_collections.ConfigDict (see "
+           "configs/tiny.py).")
+    field = str(e).strip("'\"")
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.") and field in a]
+    fail(f"unknown config field {field!r} in {', '.join(overrides) or 'a --config. flag'}; "
+         "see the config file for the fields there are.")
+  except (KeyError, TypeError, ValueError, SyntaxError, ImportError, OSError) as e:
+    fail(f"cannot read the config: {type(e).__name__}: {error_line(e)}")
+
+
+def run_main(main, interrupted_hint="", debug_hint: bool = True,
+             hard_exit: bool = False) -> None:
+  """Calls `main()` with the entry-point error style (see the module docstring).
+
+  `interrupted_hint`: a line for Ctrl-C, or a function that makes it then (where to resume
+  from is only known at that time). `debug_hint`: add a line saying that --debug shows the
+  traceback. `hard_exit`: end the process at once after the line (for programs with
+  background writers; not for callers that catch SystemExit).
+  """
+  debug = debug_enabled()
+  logging.get_absl_handler().addFilter(_QuietConsole(debug))
   try:
     main()
   except KeyboardInterrupt:
-    sys.stderr.write(f"\ninterrupted{': ' + interrupted_hint if interrupted_hint else ''}\n")
-    sys.exit(130)
+    hint = interrupted_hint() if callable(interrupted_hint) else interrupted_hint
+    sys.stderr.write(f"\ninterrupted{': ' + hint if hint else ''}\n")
+    _exit(EXIT_INTERRUPTED, hard_exit)
   except USER_ERRORS as e:
     if debug:
       raise
-    sys.stderr.write(f"error: {e}\n(run with --debug for the traceback)\n")
-    sys.exit(2)
+    fail(error_line(e), "(run with --debug for the traceback)" if debug_hint else "",
+         hard_exit)

@@ -67,6 +67,11 @@ def base_config(*, num_layers: int, d_model: int, num_heads: int, image_side: in
       profile_num_steps=0,
   ))
 
+  # Stops a diverging run before it is checkpointed (see igpt.guards.DivergenceGuard): the
+  # loss may not exceed max_loss_ratio x the first step's loss, nor the param norm
+  # max_param_norm_ratio x its initial value. 0 turns a check off.
+  c.guard = ml_collections.ConfigDict(dict(max_loss_ratio=3.0, max_param_norm_ratio=100.0))
+
   # Mesh axis sizes; -1 = all remaining devices. Pure FSDP by default.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   # (logical axis, mesh axes) pairs replacing entries of igpt.sharding.DEFAULT_RULES, e.g.

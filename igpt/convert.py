@@ -164,15 +164,16 @@ def _check_zero_bias(key: str, bias: np.ndarray, bias_atol: float):
 
 
 def params_from_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any] | Any, *,
-                              bias_atol: float = 0.0,
-                              allow_missing_head: bool = False) -> tuple[ModelConfig, dict]:
+                              bias_atol: float = 0.0, allow_missing_head: bool = False,
+                              require_biases: bool = False) -> tuple[ModelConfig, dict]:
   """Maps an HF ImageGPT state dict onto our params pytree; returns (ModelConfig, params).
 
   Accepts the `ImageGPTForCausalImageModeling` layout (keys under `transformer.` plus
   `lm_head.weight`) and the bare `ImageGPTModel` layout (no prefix, no head). Without a head
   the call fails unless `allow_missing_head=True`, which sets `wtet` to zeros (hidden states,
   e.g. for a linear probe, stay exact; logits are all zero). Conv1D biases must be zero
-  (|b| <= bias_atol); causal-mask buffers are ignored. `score.weight` (the
+  (|b| <= bias_atol) and, with `require_biases` (a checkpoint file, which always has them),
+  present; causal-mask buffers are ignored. `score.weight` (the
   ImageGPTForImageClassification head) is ignored here: read it with `hf_classifier_head`.
   Every other key must be known and have the shape the config implies.
   """
@@ -192,6 +193,10 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[
   if missing:
     raise ValueError(f"missing key {missing[0]!r} in the HF state dict ({len(missing)} missing: "
                      f"{missing[:5]}); does hf_config (n_layer={cfg.num_layers}) match?")
+  missing_biases = sorted(set(biases) - keys)
+  if require_biases and missing_biases:
+    raise ValueError(f"missing Conv1D bias {missing_biases[0]!r} in the HF state dict "
+                     f"({len(missing_biases)} missing); a whole ImageGPT checkpoint has them all.")
   if head_key not in keys and not allow_missing_head:
     raise ValueError(f"the state dict has no {head_key!r} (an ImageGPTModel checkpoint?): our "
                      "model needs the output head. Pass allow_missing_head=True to use zeros "
@@ -321,14 +326,42 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
   return {k: _to_numpy(t) for k, t in state_dict.items()}
 
 
+def _read_hf_config(config_path: str) -> dict:
+  """An ImageGPT config.json as a dict; a ValueError naming the file for anything else."""
+  try:
+    with open(config_path) as f:
+      hf_config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{config_path} is not a JSON config ({e}).") from e
+  if not isinstance(hf_config, dict) or not hf_config:
+    raise ValueError(f"{config_path} is empty or not a JSON object; an ImageGPT config.json "
+                     "names model_type 'imagegpt' and the model's sizes.")
+  model_type = hf_config.get("model_type", "imagegpt")
+  if model_type != "imagegpt":
+    raise ValueError(f"{config_path} has model_type={model_type!r}: only ImageGPT checkpoints "
+                     "(model_type 'imagegpt') load.")
+  # Without model_type (hand-written configs) the sizes must be spelled out: defaults would
+  # silently make an iGPT-S.
+  sizes = ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size")
+  missing = [k for k in sizes if k not in hf_config]
+  if "model_type" not in hf_config and missing:
+    raise ValueError(f"{config_path} has no model_type and lacks {missing}; an ImageGPT "
+                     "config.json names model_type 'imagegpt' and the model's sizes.")
+  return hf_config
+
+
 def load_hf_checkpoint(path_or_dir: str, **kwargs) -> tuple[ModelConfig, dict]:
   """Reads an HF ImageGPT checkpoint; returns (ModelConfig, params).
 
   `path_or_dir`: a folder with config.json and model.safetensors (preferred, numpy only) or
   pytorch_model.bin (needs torch), or the path of one such weights file next to its
   config.json. Sharded checkpoints (`*.index.json`) are not supported. kwargs go to
-  `params_from_hf_state_dict`.
+  `params_from_hf_state_dict`. The config must be ImageGPT's (model_type 'imagegpt', or no
+  model_type but every size given), and every Conv1D bias must be there (and zero).
   """
+  if not os.path.exists(path_or_dir):
+    raise FileNotFoundError(f"{path_or_dir} does not exist; give an HF ImageGPT folder "
+                            "(config.json + model.safetensors) or its weights file.")
   if os.path.isdir(path_or_dir):
     directory, weights = path_or_dir, None
     for name in ("model.safetensors", "pytorch_model.bin"):
@@ -340,13 +373,16 @@ def load_hf_checkpoint(path_or_dir: str, **kwargs) -> tuple[ModelConfig, dict]:
                               "(sharded checkpoints are not supported).")
   else:
     directory, weights = os.path.dirname(path_or_dir) or ".", path_or_dir
+    if weights.endswith(".json"):
+      raise ValueError(f"{weights} is a JSON file, not weights: give the checkpoint folder or "
+                       "its model.safetensors / pytorch_model.bin.")
   config_path = os.path.join(directory, "config.json")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{config_path} not found: the HF config is needed for the shapes.")
-  with open(config_path) as f:
-    hf_config = json.load(f)
+  hf_config = _read_hf_config(config_path)
   if weights.endswith(".safetensors"):
     state_dict = _read_safetensors(weights)
   else:
     state_dict = _read_torch_bin(weights)
+  kwargs.setdefault("require_biases", True)
   return params_from_hf_state_dict(state_dict, hf_config, **kwargs)

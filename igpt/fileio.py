@@ -18,6 +18,7 @@ def atomic_open(path, mode: str = "w"):
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}-", suffix=".tmp")
   try:
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
     with os.fdopen(fd, mode) as f:
       yield f
     os.replace(tmp, path)
@@ -25,3 +26,10 @@ def atomic_open(path, mode: str = "w"):
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def _umask() -> int:
+  """The process umask (reading it means setting it; set straight back)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask

@@ -16,13 +16,12 @@ import contextlib
 import math
 import os
 import shutil
-import sys
 import tempfile
 
 from absl import app, flags, logging
 
 from igpt import config as config_lib
-from igpt import convert, openai_release
+from igpt import cli, convert, openai_release
 from igpt import palette as palette_lib
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -32,13 +31,9 @@ _PALETTE = flags.DEFINE_string("palette", None, "The release's kmeans_centers.np
 _OUT = flags.DEFINE_string("out", None, "Run folder to create; must not exist.")
 _HF_OUT = flags.DEFINE_string("hf_out", None, "Also write a transformers folder here "
                               "(autoregressive models only); must not exist.")
-if "debug" not in flags.FLAGS:  # other entry points' modules may define it too
-  flags.DEFINE_bool("debug", False, "Show tracebacks instead of one-line errors.")
 flags.mark_flags_as_required(["checkpoint", "palette", "out"])
 
-EXIT_USER_ERROR = 2
-# Mistakes in the inputs (files, flags, a checkpoint of another model, no TensorFlow).
-USER_ERRORS = (ValueError, OSError, ImportError)
+EXIT_USER_ERROR = cli.EXIT_USER_ERROR
 
 
 def _check_new_folder(path: str, flag: str) -> str:
@@ -129,16 +124,10 @@ def import_release(checkpoint: str, palette_path: str, out: str,
 
 
 def _fail(message) -> None:
-  print(f"error: {message}".replace("\n", " "), file=sys.stderr)
-  sys.exit(EXIT_USER_ERROR)
+  cli.fail(cli.error_line(ValueError(message)))
 
 
-def parse_flags(argv):
-  """absl's parser, with flag mistakes reported like every other user error."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(e)
+parse_flags = cli.parse_flags  # absl's parser, flag mistakes reported like every user error
 
 
 def main(argv):
@@ -149,12 +138,8 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   logging.set_verbosity(logging.WARNING)
-  try:
-    import_release(_CHECKPOINT.value, _PALETTE.value, _OUT.value, _HF_OUT.value)
-  except USER_ERRORS as e:
-    if flags.FLAGS.debug or os.environ.get("IGPT_DEBUG", "") not in ("", "0"):
-      raise
-    _fail(e)
+  cli.run_main(lambda: import_release(_CHECKPOINT.value, _PALETTE.value, _OUT.value,
+                                      _HF_OUT.value), debug_hint=False)
 
 
 if __name__ == "__main__":

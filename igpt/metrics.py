@@ -99,13 +99,28 @@ class MetricsWriter:
     self.enabled = enabled
 
   def truncate_after(self, step: int) -> None:
-    """Drops records newer than `step`: a resumed run rewrites them, so none are duplicated."""
+    """Drops records newer than `step`: a resumed run rewrites them, so none are duplicated.
+
+    A cut-off last line (a process killed mid-write, a full disk) is dropped with a warning;
+    an unreadable line elsewhere is an error naming the file and line.
+    """
     if not self.enabled or not os.path.exists(self.path):
       return
     with open(self.path) as f:
-      lines = [ln for ln in f if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-    if len(kept) != len(lines):
+      lines = [ln if ln.endswith("\n") else ln + "\n" for ln in f if ln.strip()]
+    kept = []
+    for i, line in enumerate(lines):
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        if i == len(lines) - 1:
+          log("%s: dropped its cut-off last line (%d characters).", self.path, len(line) - 1)
+          continue
+        raise ValueError(f"{self.path} line {i + 1} is not valid JSON ({e}); remove or repair "
+                         "that line.") from e
+      if record.get("step", 0) <= step:
+        kept.append(line)
+    if kept != lines:
       with fileio.atomic_open(self.path) as f:
         f.writelines(kept)
 
@@ -149,7 +164,24 @@ def progress_line(step: int, total_steps: int, values: dict) -> str:
   return " | ".join(parts)
 
 
+def summary_line(final: dict) -> str:
+  """The end-of-run line: step, train loss (as on the last progress line), eval, throughput."""
+  parts = [f"step {final['step']}"]
+  if "train_loss" in final:
+    parts.append(f"train loss {final['train_loss']:.4f} nats/token (mean since the last log)")
+  if "eval_loss" in final:
+    parts.append(f"eval loss {final['eval_loss']:.4f} nats/token = "
+                 f"{final['eval_bits_per_dim']:.4f} bits/dim on {final['eval_examples']} images")
+  if "tokens_per_s" in final:
+    parts.append(f"{final['tokens_per_s']:,.0f} tok/s")
+  return ", ".join(parts)
+
+
 def log(msg: str, *args) -> None:
   """INFO log from process 0 only: one console, not one per host."""
   if jax.process_index() == 0:
     logging.info(msg, *args)
+
+
+# Log lines name the caller of `log`, not this module.
+logging.ABSLLogger.register_frame_to_skip(__file__, "log")

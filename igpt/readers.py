@@ -24,6 +24,7 @@ import functools
 import gzip
 import os
 import pickle
+import socket
 import struct
 import zlib
 from typing import Sequence
@@ -594,6 +595,40 @@ def _tfds_feature_keys(info, name: str):
   return image_key, label_key, num_classes
 
 
+# Where TFDS downloads most datasets from; one quick connection tells whether a download can
+# work at all (offline, TFDS retries each file for minutes before it gives up).
+_DOWNLOAD_HOST = ("storage.googleapis.com", 443)
+
+
+def _network_reachable(timeout_s: float = 3.0) -> bool:
+  try:
+    socket.create_connection(_DOWNLOAD_HOST, timeout=timeout_s).close()
+    return True
+  except OSError:
+    return False
+
+
+def _check_can_download(builder, name: str, where: str) -> None:
+  """Fails fast when a TFDS dataset is not prepared here and the network is unreachable."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # Only catalog datasets download; a mocked TFDS (tests) or a local builder does not.
+  if not type(builder).__module__.startswith("tensorflow_datasets."):
+    return
+  for fn in (tfds.data_source, type(builder).download_and_prepare):
+    if not getattr(fn, "__module__", "").startswith("tensorflow_datasets.core"):
+      return
+  try:
+    prepared = builder.is_prepared()
+  except Exception:  # pylint: disable=broad-except  (an older tfds): let tfds decide
+    return
+  if not prepared and not _network_reachable():
+    raise ValueError(
+        f"TFDS dataset {name!r} is not prepared in data_dir={where!r} and the network is "
+        f"unreachable ({_DOWNLOAD_HOST[0]}), so it cannot be downloaded. Prepare it once on a "
+        "machine with network (array_record format) and copy data_dir here, or use "
+        "data.source='cifar'|'idx'|'folder'|'digits' for local files.")
+
+
 def _tfds_source(cfg, split: str, side: int) -> ImageSource:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   name, data_dir = cfg.name, cfg.data_dir or None
@@ -615,6 +650,7 @@ def _tfds_source(cfg, split: str, side: int) -> ImageSource:
     raise RuntimeError(f"Could not open TFDS dataset {name!r} (data_dir={where!r}): "
                        f"{type(e).__name__}: {e}") from e
   image_key, label_key, num_classes = _tfds_feature_keys(builder.info, name)
+  _check_can_download(builder, name, where)
   try:
     # array_record is the random-access format; tfds only picks it by itself without data_dir.
     ds = tfds.data_source(name, split=split, data_dir=data_dir, download=True,

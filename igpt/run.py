@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from igpt import fileio, model, objectives, palette, sharding
+from igpt import fileio, model, objectives, palette, sharding, workdir as workdirs
 from igpt.checkpoint import Checkpointer
 from igpt.model import ModelConfig
 
@@ -54,7 +54,14 @@ def config_to_json(config) -> dict:
 
 
 def write_config(workdir: str, config_json: dict) -> None:
-  """Writes workdir/config.json atomically."""
+  """Writes workdir/config.json atomically (not at all if it already says the same)."""
+  config_path = path(workdir, CONFIG_FILE)
+  try:
+    with open(config_path) as f:
+      if json.load(f) == config_json:
+        return  # a rerun of a finished run, possibly from a read-only folder, writes nothing
+  except (OSError, ValueError):
+    pass
   with fileio.atomic_open(path(workdir, CONFIG_FILE)) as f:
     json.dump(config_json, f, indent=2, sort_keys=True)
 
@@ -70,6 +77,43 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
       return ml_collections.ConfigDict(json.load(f))
   except json.JSONDecodeError as e:
     raise ValueError(f"{config_path} is not valid JSON ({e}).") from e
+
+
+def check_stored_config(workdir: str, config_json: dict, log) -> None:
+  """Stops a run whose config would change the model or data of the run already in `workdir`.
+
+  The newest checkpoint whose `extra` reads holds the truth (config.json is only its copy,
+  and may have been edited by hand); a folder without checkpoints is checked against its
+  config.json, which its palette was made for. Safe changes (total_steps, cadences, ...) are
+  logged. Reads only; raises workdir.WorkdirError listing the fields that differ.
+  """
+  stored, source = None, None
+  if os.path.isdir(path(workdir, CHECKPOINT_DIR)):
+    with checkpointer(workdir) as ckpt:
+      for step in reversed(ckpt.all_steps()):
+        try:
+          stored, source = ckpt.read_extra(step)["config"], f"checkpoint {step}"
+          break
+        except Exception:  # noqa: BLE001  (damaged: the restore sets it aside later)
+          continue
+  config_path = path(workdir, CONFIG_FILE)
+  if os.path.isfile(config_path):
+    try:
+      with open(config_path) as f:
+        on_file = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{config_path} is not valid JSON ({e}); restore it from a checkpoint's "
+                       "config or start a new --workdir.") from e
+    if stored is None:
+      stored, source = on_file, CONFIG_FILE
+    elif on_file != stored:
+      log("%s differs from the config stored in %s (edited by hand?); the checkpoint's "
+          "config is the one checked, and config.json is rewritten.", config_path, source)
+  if stored is None:
+    return
+  safe = workdirs.check_identity(stored, config_json, workdir, source)
+  if safe:
+    log("Resuming %s with changed settings: %s.", workdir, "; ".join(safe))
 
 
 def checkpointer(workdir: str, keep: int = 1) -> Checkpointer:

@@ -21,6 +21,7 @@ Pieces the benchmark and tests reuse:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -34,7 +35,7 @@ import numpy as np
 import optax
 
 from igpt import (distributed, guards, losses, metrics, model, objectives, optim, palette,
-                  pipeline, readers, run, sharding, summaries)
+                  pipeline, readers, run, sharding, summaries, workdir as workdirs)
 from igpt.model import ModelConfig
 
 
@@ -76,7 +77,8 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
   if not 0 <= config.optim.warmup_steps < t.total_steps:
     raise ValueError(f"optim.warmup_steps={config.optim.warmup_steps} must be in "
                      f"[0, train.total_steps={t.total_steps}).")
-  for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+  for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+               "keep_checkpoints"):
     if t[name] < 1:
       raise ValueError(f"train.{name}={t[name]} must be >= 1.")
   for name in ("profile_start_step", "profile_num_steps"):
@@ -295,6 +297,7 @@ def prepare_palette(config, train_source, workdir: str) -> np.ndarray:
     metrics.log("Palette: reusing %s (%d colours).", path, len(centers))
   elif given:
     centers = palette.load_palette(given)
+    _check_palette_fits(centers, config, given)  # before it is copied into the workdir
     palette.save_palette(path, centers)  # atomic: a kill never leaves half a file
     metrics.log("Palette: %s (%d colours), copied to %s.", given, len(centers), path)
   else:
@@ -304,12 +307,16 @@ def prepare_palette(config, train_source, workdir: str) -> np.ndarray:
     palette.save_palette(path, centers)
     metrics.log("Palette: fitted %d colours on %d pixels in %.1fs, saved to %s.",
                 len(centers), config.data.palette_fit_pixels, time.time() - t0, path)
+  _check_palette_fits(centers, config, path)
+  return np.asarray(centers, np.float32)
+
+
+def _check_palette_fits(centers, config, where: str) -> None:
   vocab_size = run.model_config(config).vocab_size
   if len(centers) > vocab_size:
-    raise ValueError(f"the palette has {len(centers)} colours but the model has "
+    raise ValueError(f"the palette {where} has {len(centers)} colours but the model has "
                      f"{vocab_size} tokens (model.vocab_size); raise vocab_size or shrink the "
                      "palette.")
-  return np.asarray(centers, np.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -319,9 +326,31 @@ def prepare_palette(config, train_source, workdir: str) -> np.ndarray:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir` to `train.total_steps`; returns final metrics.
 
-  Returned dict: step, train_loss (nats/token, last step), eval_loss (nats/token),
-  eval_bits_per_dim (eval_loss / ln 2 / 3), plus the last throughput numbers.
+  Returned dict: step, train_loss (nats/token, mean since the last log line), eval_loss
+  (nats/token), eval_bits_per_dim (eval_loss / ln 2 / 3), plus the last throughput numbers.
+  The workdir is locked for the whole run (a second run on it fails at once); a finished run
+  is only evaluated, and then also from a read-only folder. A refused write (disk full,
+  read-only, permission) raises workdir.WorkdirError naming the path.
   """
+  distributed.maybe_initialize(config)
+  # A bad config fails before the workdir is even created.
+  validate_config(ml_collections.ConfigDict(config), jax.device_count(), jax.process_count())
+  is_writer = jax.process_index() == 0
+  lock = (workdirs.lock(workdir, required=False) if is_writer
+          else contextlib.nullcontext(None))
+  with lock as cannot_write:
+    try:
+      return _train_and_evaluate(config, workdir, cannot_write)
+    except workdirs.WorkdirError:
+      raise
+    except Exception as e:
+      if workdirs.is_write_failure(e, workdir):
+        raise workdirs.write_error(e, workdir) from e
+      raise
+
+
+def _train_and_evaluate(config, workdir: str, cannot_write: Exception | None) -> dict:
+  """The run itself, under the workdir lock; `cannot_write`: why the folder is read-only."""
   # --- Processes: join the other hosts first; everything below sees the global devices.
   distributed.maybe_initialize(config)
   process_index, process_count = jax.process_index(), jax.process_count()
@@ -332,9 +361,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model_cfg = validate_config(config, jax.device_count(), process_count)
   t = config.train
 
-  # --- Workdir: the resolved config is written first, so every run documents itself.
-  os.makedirs(workdir, exist_ok=True)
+  # --- Workdir: a run already in it must have the same model and data (checked before
+  # anything is written); then the resolved config is written, so every run documents itself.
   config_json = run.config_to_json(config)  # also stored with every checkpoint
+  run.check_stored_config(workdir, config_json, metrics.log)
   if is_writer:
     run.write_config(workdir, config_json)
   writer = metrics.MetricsWriter(run.path(workdir, run.METRICS_FILE), enabled=is_writer)
@@ -356,10 +386,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # when the loop stops on a NaN (a SIGKILL loses only the save in flight).
   with run.checkpointer(workdir, keep=t.keep_checkpoints) as ckpt:
     init_rng, step_rng, eval_rng = run_rngs(config)
-    last_saved = ckpt.latest_step()
     abstract_state, state_shardings = abstract_train_state(trainer)
+
+    def check_extra(step: int, extra: dict) -> None:
+      workdirs.check_identity(extra["config"], config_json, workdir, f"checkpoint {step}")
+
+    # The newest checkpoint that reads whole; damaged ones are moved aside.
+    last_saved, state, extra = workdirs.restore_newest(ckpt, abstract_state, check_extra,
+                                                       metrics.log)
+    guard = guards.DivergenceGuard(config.get("guard"), (extra or {}).get("guard"))
     if last_saved is not None:
-      state, extra = ckpt.restore(last_saved, abstract_state)
       start_step = int(extra["data"]["next_step"])
       if start_step != int(jax.device_get(state["step"])):
         raise ValueError(f"checkpoint {last_saved} is inconsistent: state step "
@@ -368,9 +404,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
       state, _ = create_train_state(trainer, init_rng)
       start_step = 0
+    guard.set_initial_param_norm(float(optax.tree.norm(state["params"])))
+    if cannot_write is not None and start_step < t.total_steps:
+      raise cannot_write  # only a finished run can be evaluated from a read-only folder
     writer.truncate_after(start_step)
-    tensorboard = summaries.SummaryWriter(run.path(workdir, run.TENSORBOARD_DIR),
-                                          enabled=is_writer, purge_step=start_step + 1)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     metrics.log("Model: %s, %s params, objective %s, attention kernel %s.", model_cfg,
                 f"{n_params:,}", config.objective, model_cfg.attention_implementation())
@@ -394,6 +431,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def run_eval() -> dict:
       return evaluate(eval_step, state["params"], eval_data, eval_rng)
 
+    if start_step >= t.total_steps:  # a finished run: report its eval; no compile, no writes
+      return {"step": start_step, **run_eval()}
+    tensorboard = summaries.SummaryWriter(run.path(workdir, run.TENSORBOARD_DIR),
+                                          enabled=is_writer, purge_step=start_step + 1)
+
     first_batch = batch_for(start_step)
     t0 = time.time()
     compiled_step = train_step.lower(state, first_batch, step_rng).compile()
@@ -409,8 +451,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                             t.peak_flops_per_device))
 
     def save(step: int) -> None:
-      extra = {"data": {"next_step": step, "seed": config.seed}, "config": config_json}
-      ckpt.save(step, state, extra)
+      extra = {"data": {"next_step": step, "seed": config.seed}, "config": config_json,
+               "guard": guard.reference}
+      try:
+        ckpt.check_for_errors()  # a failed background save stops the run here, not at the end
+        ckpt.save(step, state, extra)
+      except Exception as e:
+        if workdirs.is_write_failure(e):
+          raise workdirs.write_error(e, ckpt.directory) from e
+        raise
 
     # --- The loop. Metrics stay on device until a log/eval/checkpoint step, so dispatch runs
     # ahead; every queued step is checked for NaN/inf before anything is saved.
@@ -448,7 +497,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         fetched = jax.device_get(pending)
         pending = []
         for fetched_step, fetched_metrics in fetched:
-          guards.check_finite(fetched_step, fetched_metrics, last_good)
+          guard.check(fetched_step, fetched_metrics, last_good)
         window_losses += [float(m["loss"]) for _, m in fetched]
         final.update(step=done, train_loss=float(fetched[-1][1]["loss"]))
 
@@ -464,7 +513,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           writer.write(done, **record)
           tensorboard.scalars(done, record, prefix="train/")
           tensorboard.flush()
-          final.update({k: v for k, v in record.items() if k != "loss"})
+          final.update({k: v for k, v in record.items() if k != "loss"},
+                       train_loss=record["loss"])  # the number the progress line shows
           window_losses = []
           window_start_s, window_step = time.time(), done
 
@@ -483,8 +533,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           last_good = done
         if do_eval or do_save:  # keep evals and saves out of the measured rate
           window_start_s, window_step = time.time(), done
-
-      if start_step >= t.total_steps:  # resumed a finished run: just report its eval
-        final.update(run_eval())
     tensorboard.close()
   return final
