@@ -18,6 +18,7 @@ layers only computes the missing ones.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -73,10 +74,16 @@ def pool(h_BxLxD, pooling: str):
   return h_BxLxD.mean(axis=1)
 
 
-def make_feature_fn(model_cfg: ModelConfig, layers: Sequence[int], pooling: str, mesh,
-                    rules, param_shardings):
-  """Jitted `fn(params, tokens_BxL) -> float32 [B, len(layers), D]`, batch-sharded."""
+@functools.lru_cache(maxsize=16)
+def make_feature_fn(model_cfg: ModelConfig, layers: tuple[int, ...], pooling: str, mesh, rules):
+  """Jitted `fn(params, tokens_BxL) -> float32 [B, len(layers), D]`, batch-sharded.
+
+  Cached, so the splits of a dataset and a same-shape control model share one compile.
+  """
   names = [f"h_{l}" for l in layers]
+  param_shardings = sharding.logical_to_shardings(
+      model.logical_axes(model_cfg), jax.eval_shape(
+          lambda: model.init_params(model_cfg, jax.random.key(0))), mesh, rules)
 
   def fn(params, tokens_BxL):
     # Linen's logical constraints need the mesh and the rules while tracing.
@@ -94,11 +101,15 @@ def place_params(model_cfg: ModelConfig, params, mesh, rules):
   return jax.device_put(params, shardings), shardings
 
 
+@jax.jit
+def _leaf_stats(params):
+  return [jnp.stack([x.sum(), (x * x).sum()]) for x in jax.tree.leaves(params)]
+
+
 def fingerprint(params) -> str:
   """A short hash of the params' values (per-leaf sums and norms), for cache keys: a run
   retrained in the same folder must not reuse stale features."""
-  stats = jax.jit(lambda p: [jnp.stack([x.sum(), (x * x).sum()]) for x in jax.tree.leaves(p)])
-  values = np.asarray(jax.device_get(stats(params)), np.float64)
+  values = np.asarray(jax.device_get(_leaf_stats(params)), np.float64)
   return hashlib.sha1(np.round(values, 4).tobytes()).hexdigest()[:16]
 
 
@@ -138,8 +149,7 @@ class FeatureExtractor:
 
   def compute(self, source, layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Runs the model over `source`: (float32 [N, len(layers), D], int32 labels [N])."""
-    fn = make_feature_fn(self.model_cfg, layers, self.pooling, self.mesh, self.rules,
-                         self.param_shardings)
+    fn = make_feature_fn(self.model_cfg, tuple(layers), self.pooling, self.mesh, self.rules)
     feats, labels = [], []
     batches = pipeline.eval_batches(source, self.centers, self.batch_size,
                                     process_index=jax.process_index(),

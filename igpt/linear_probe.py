@@ -79,7 +79,7 @@ def _fit(x_NxD, y_N, w_N, l2, params, max_steps, tol):
   return params, optax.tree.get(state, "value"), steps
 
 
-_fit_jit = jax.jit(_fit, static_argnames=("max_steps",))
+_fit_jit = jax.jit(_fit)
 
 
 def _device_rows(x, mesh):
@@ -87,6 +87,14 @@ def _device_rows(x, mesh):
   if mesh is None:
     return jnp.asarray(x)
   return jax.device_put(x, sharding.batch_sharding(mesh))
+
+
+def _padded_rows(n: int, dp: int) -> int:
+  """Rows after padding with zero-weight rows: small sets go up to a power of two (>= 512),
+  so the many small fits of a sweep share one compile (compiling costs more than the fit);
+  large ones to a multiple of 8192. Always a multiple of the data-parallel size `dp`."""
+  rows = max(512, 1 << (n - 1).bit_length()) if n <= 65536 else -(-n // 8192) * 8192
+  return -(-rows // dp) * dp
 
 
 @dataclasses.dataclass
@@ -121,8 +129,8 @@ def fit(train: Split, num_classes: int, l2: float, *, max_steps: int = 1000,
   mean_D, std_D = standardiser(train.x)
   x_NxD = (train.x - mean_D) / std_D
   y_N, w_N = train.y.astype(np.int32), np.ones(len(train.y), np.float32)
-  dp = 1 if mesh is None else sharding.data_parallel_size(mesh)
-  pad = -len(y_N) % dp
+  pad = _padded_rows(len(y_N), 1 if mesh is None else sharding.data_parallel_size(mesh))
+  pad -= len(y_N)
   if pad:
     x_NxD = np.concatenate([x_NxD, np.zeros((pad, x_NxD.shape[1]), x_NxD.dtype)])
     y_N, w_N = np.concatenate([y_N, np.zeros(pad, np.int32)]), np.concatenate(
@@ -133,8 +141,7 @@ def fit(train: Split, num_classes: int, l2: float, *, max_steps: int = 1000,
             {"w": jnp.asarray(init.w_DxC), "b": jnp.asarray(init.b_C)})
   params, loss, steps = _fit_jit(
       _device_rows(x_NxD.astype(np.float32), mesh), _device_rows(y_N, mesh),
-      _device_rows(w_N, mesh), jnp.float32(l2), params, max_steps=int(max_steps),
-      tol=jnp.float32(tol))
+      _device_rows(w_N, mesh), jnp.float32(l2), params, jnp.int32(max_steps), jnp.float32(tol))
   params = jax.device_get(params)
   return Classifier(mean_D, std_D, np.asarray(params["w"]), np.asarray(params["b"]),
                     float(loss), int(steps))

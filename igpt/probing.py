@@ -66,7 +66,8 @@ def load_model(*, workdir: str = "", hf_checkpoint: str = "", palette_path: str 
 
 def random_init(like: ProbeModel, seed: int) -> ProbeModel:
   """A freshly initialised model of `like`'s shape (same palette): the probe's control."""
-  params = model.init_params(like.model_cfg, jax.random.key(seed))
+  # Jitted: eager Flax init is slow, and jit lays the params out once.
+  params = jax.jit(model.init_params, static_argnums=0)(like.model_cfg, jax.random.key(seed))
   return dataclasses.replace(like, name="random-init", params=params,
                              identity=f"random-init:{seed}", step=0,
                              description=f"random init (seed {seed}) of the same shape")
