@@ -259,3 +259,40 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# Fine-tuning through the trainer.
+
+
+def test_augment_pads_crops_and_flips_deterministically():
+  from igpt import finetune  # noqa: PLC0415
+  images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), np.uint8)
+  a = finetune.augment(images, np.random.default_rng(1))
+  assert a.shape == images.shape and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, finetune.augment(images, np.random.default_rng(1)))
+  # Without padding the crop is the image itself, flipped or not.
+  plain = finetune.augment(images, np.random.default_rng(2), pad=0)
+  for got, want in zip(plain, images):
+    assert np.array_equal(got, want) or np.array_equal(got, want[:, ::-1])
+
+
+def test_finetune_from_a_run_beats_chance(tiny_run, tmp_path):
+  from igpt.train import train_and_evaluate  # noqa: PLC0415
+  spec = importlib.util.spec_from_file_location("finetune_config",
+                                                os.path.join(th.REPO, "configs", "finetune.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("digits")
+  c.init_from = tiny_run
+  c.mesh.update(ONE_DEVICE)
+  c.optim.update(lr=3e-3, warmup_steps=5)
+  c.train.update(total_steps=80, eval_every_steps=40, checkpoint_every_steps=80,
+                 log_every_steps=40)
+  final = train_and_evaluate(c, str(tmp_path / "ft"))
+  # The pretrained run's shape and palette were taken over; chance is 10%.
+  with open(tmp_path / "ft" / "config.json") as f:
+    assert json.load(f)["model"]["d_model"] == th.TINY_OVERRIDES["model.d_model"]
+  assert final["test_accuracy"] > 0.25, final  # about 0.43 measured
+  assert final["best_eval_accuracy"] == max(final["best_eval_accuracy"], final["eval_accuracy"])
+  assert os.path.isfile(tmp_path / "ft" / "best" / "best.json")
