@@ -180,6 +180,32 @@ def test_low_data_draws_k_per_class_by_seed():
   assert len(r["test_accuracies"]) == 3 and 0 <= r["test_accuracy_std"] <= 1
 
 
+def test_hf_checkpoint_and_openai_tokens_are_probe_sources(tmp_path):
+  from igpt import convert, palette, readers  # noqa: PLC0415
+  cfg = ModelConfig(num_layers=2, d_model=16, num_heads=2, seq_len=16, vocab_size=512)
+  params = _init(cfg, 4)
+  convert.save_hf_checkpoint(cfg, params, str(tmp_path / "hf"))
+  centers = np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)
+  palette.save_palette(str(tmp_path / "palette.npy"), centers)
+  pm = probing.load_model(hf_checkpoint=str(tmp_path / "hf"),
+                          palette_path=str(tmp_path / "palette.npy"))
+  assert pm.model_cfg.num_layers == 2 and pm.image_side == 4
+  np.testing.assert_allclose(pm.params["h_1"]["mlp"]["c_fc"], params["h_1"]["mlp"]["c_fc"])
+  # OpenAI's pre-tokenised files: train / test, validation carved from train as tokens.
+  rng = np.random.default_rng(1)
+  for tag, n in (("tr", 30), ("te", 10)):
+    np.save(tmp_path / f"cifar10_{tag}X.npy", rng.integers(0, 512, (n, 16)).astype(np.uint16))
+    np.save(tmp_path / f"cifar10_{tag}Y.npy", np.eye(10, dtype=np.uint8)[np.arange(n) % 10])
+  data = _probe_config(data__source="openai_npy", data__path=str(tmp_path),
+                       data__name="cifar10", data__val_examples=10).data
+  sources = probing.labelled_sources(data, 4)
+  assert [len(sources[k]) for k in ("train", "val", "test")] == [20, 10, 10]
+  tokens, labels = sources["val"].get_tokens(np.arange(3))
+  assert tokens.shape == (3, 16) and labels.dtype == np.int32
+  with pytest.raises(ValueError, match="8x8"):
+    readers.make_source(data, "test", 8)
+
+
 # ------------------------------------------------------------------------------------------
 # Bad inputs.
 
