@@ -151,7 +151,7 @@ def probe_model(pm: ProbeModel, config, sources, mesh, cache_dir, log=print) -> 
   num_classes = int(max(max(s.num_classes for s in sources.values()),
                         max(y.max() for _, y in feats.values()) + 1))
   fit_kwargs = dict(l2_grid=tuple(float(v) for v in config.l2_grid),
-                    max_steps=config.lbfgs_max_steps, tol=config.lbfgs_grad_tol)
+                    max_steps=config.lbfgs_max_steps, tol=config.lbfgs_grad_tol, mesh=mesh)
   per_layer = []
   for layer in layers:
     s = _splits(feats, [layer])

@@ -206,6 +206,12 @@ def test_hf_checkpoint_and_openai_tokens_are_probe_sources(tmp_path):
     readers.make_source(data, "test", 8)
 
 
+def test_sharded_features_and_probe_match_one_device():
+  proc = th.run([sys.executable, os.path.join(th.REPO, "tests", "probe_sharding_check.py")],
+                num_devices=2)
+  assert proc.stdout.strip().endswith("ok")
+
+
 # ------------------------------------------------------------------------------------------
 # Bad inputs.
 
