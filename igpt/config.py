@@ -29,7 +29,8 @@ def base_config(*, num_layers: int, d_model: int, num_heads: int, image_side: in
   c.data = ml_collections.ConfigDict(dict(
       # source: "tfds" (name = a tfds name), "cifar" (path = cifar-10-batches-py or
       # cifar-100-python), "idx" (path = folder of MNIST-format files), "folder"
-      # (path = image files or .npz arrays), "digits" (embedded, needs no network).
+      # (path = image files or .npz arrays), "digits" (embedded, needs no network),
+      # "openai_npy" (path = folder of OpenAI's pre-tokenised {name}_trX.npy ... files).
       source="tfds",
       name="cifar10",
       path="",

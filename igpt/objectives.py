@@ -12,8 +12,9 @@ import dataclasses
 from typing import Callable
 
 import jax.numpy as jnp
+import optax
 
-from igpt import losses, model
+from igpt import classifier, losses, model
 from igpt.model import ModelConfig
 
 # prepare(batch, rng, config) -> batch with the objective's model inputs added; the whole
@@ -24,6 +25,10 @@ Prepare = Callable[[dict, "jax.Array", object], dict]
 # loss is sum(loss * weight) / sum(weight). A weight of 0 drops an example (evaluation
 # multiplies it by the padding mask).
 Loss = Callable[[ModelConfig, dict, dict], tuple]
+# init_head(model_cfg, config, rng) -> params the objective adds to the model's (a classifier
+# head); head_axes(model_cfg, config) -> their logical axis names, for sharding.
+InitHead = Callable[[ModelConfig, object, "jax.Array"], dict]
+HeadAxes = Callable[[ModelConfig, object], dict]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +39,8 @@ class Objective:
   prepare: Prepare
   loss: Loss
   description: str
+  init_head: InitHead | None = None
+  head_axes: HeadAxes | None = None
 
 
 def _unchanged(batch, rng, config):
@@ -59,11 +66,23 @@ def _bert_loss(model_cfg, params, batch):
   return per_example_B, (~batch["keep"]).any(axis=1).astype(jnp.float32)
 
 
+def _classify_loss(model_cfg, params, batch):
+  # The paper's fine-tuning loss: L_clf + L_gen, both per example.
+  logits_BxC, logits_BxLxV = classifier.class_logits(model_cfg, params, batch["tokens"])
+  clf_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["label"])
+  _, gen_B = losses.ar_loss(logits_BxLxV, batch["tokens"])
+  return clf_B + gen_B, jnp.ones_like(clf_B)
+
+
 OBJECTIVES = {
     "ar": Objective("ar", causal=True, batch_keys=("tokens",), prepare=_unchanged,
                     loss=_ar_loss, description="next pixel (autoregressive)"),
     "bert": Objective("bert", causal=False, batch_keys=("tokens",), prepare=_bert_prepare,
                       loss=_bert_loss, description="masked pixels (p = bert_mask_prob)"),
+    "classify": Objective("classify", causal=True, batch_keys=("tokens", "label"),
+                          prepare=_unchanged, loss=_classify_loss,
+                          description="fine-tuning: linear head on mean-pooled ln_f + next pixel",
+                          init_head=classifier.init_head, head_axes=classifier.head_axes),
 }
 
 

@@ -1,4 +1,5 @@
-"""The optimiser: Adam with the paper's beta2 = 0.95, linear warm-up then cosine decay."""
+"""The optimiser: Adam with the paper's beta2 = 0.95, linear warm-up then cosine decay (or a
+constant rate, for fine-tuning)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import optax
 
 
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
-  """Linear warm-up from 0 to `lr`, then cosine decay to 0 at `total_steps`."""
+  """Linear warm-up from 0 to `lr`, then cosine decay to 0 at `total_steps` (`schedule`
+  "cosine", the default) or constant `lr` (`schedule` "constant", for fine-tuning)."""
+  kind = optim_config.get("schedule", "cosine")
+  if kind == "constant":
+    return optax.warmup_constant_schedule(0.0, optim_config.lr, optim_config.warmup_steps)
+  if kind != "cosine":
+    raise ValueError(f"optim.schedule={kind!r}: use 'cosine' or 'constant'.")
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim_config.lr, warmup_steps=optim_config.warmup_steps,
       decay_steps=total_steps, end_value=0.0)

@@ -10,6 +10,9 @@ an area resize) and int32 labels (or None). Sources (`data.source`):
 - "idx": MNIST-format files (`train-images-idx3-ubyte[.gz]`, `t10k-*`) in `data.path`.
 - "folder": image files (labels from class subfolders) or `.npz` arrays under `data.path`.
 - "digits": scikit-learn's embedded 8x8 digits (1797 images), no network needed.
+- "openai_npy": OpenAI's pre-tokenised release files `{name}_{tr,va,te}{X,Y}.npy` in
+  `data.path` (name = cifar10 or imagenet; splits "train", "val", "test"); these sources hold
+  palette tokens already (`get_tokens`), so the model's palette must be the release's.
 
 With `data.val_split` empty, the validation split is `data.val_examples` images carved out of
 the training split by a fixed seed; the "train" source is then the rest (disjoint).
@@ -32,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 SPLITS = ("train", "val", "test")
-SOURCES = ("tfds", "cifar", "idx", "folder", "digits")
+SOURCES = ("tfds", "cifar", "idx", "folder", "digits", "openai_npy")
 VAL_SEED = 20200617  # carving the validation split; fixed so train/val never overlap across runs
 DIGITS_SEED = 1797  # the digits train/test split
 DIGITS_TEST_EXAMPLES = 360  # 20% of 1797
@@ -192,6 +195,21 @@ class SubsetSource(ImageSource):
 
   def _read(self, indices):
     return self.base._read(self.indices[indices])  # pylint: disable=protected-access
+
+
+class TokenSubset:
+  """The examples of a token source (one with `get_tokens`) at `indices`."""
+
+  def __init__(self, base, indices: np.ndarray, description: str):
+    self.base, self.indices = base, np.asarray(indices, np.int64)
+    self.image_side, self.num_classes = base.image_side, base.num_classes
+    self.description = description
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def get_tokens(self, indices):
+    return self.base.get_tokens(self.indices[np.asarray(indices, np.int64).reshape(-1)])
 
 
 class FileSource(ImageSource):
@@ -677,8 +695,20 @@ def _tfds_source(cfg, split: str, side: int) -> ImageSource:
   return TfdsSource(ds, image_key, label_key, side, f"tfds {name} [{split}]", num_classes)
 
 
+def _openai_npy_source(cfg, split: str, side: int):
+  # Imported here: the release module also reads TensorFlow checkpoints (and imports the model).
+  from igpt import openai_release  # pylint: disable=g-import-not-at-top
+  folder = _require_dir(cfg.path, "openai_npy")
+  source = openai_release.token_source(folder, cfg.name, split)
+  if source.image_side != side:
+    raise ValueError(f"{source.description} holds {source.image_side}x{source.image_side} "
+                     f"images but the model reads {side}x{side}.")
+  return source
+
+
 _LOADERS = {"tfds": _tfds_source, "cifar": _cifar_source, "idx": _idx_source,
-            "folder": _folder_source, "digits": _digits_source}
+            "folder": _folder_source, "digits": _digits_source,
+            "openai_npy": _openai_npy_source}
 
 
 def _carve(train: ImageSource, val_examples: int, description: str):
@@ -690,8 +720,9 @@ def _carve(train: ImageSource, val_examples: int, description: str):
         f"out of {description} ({n} images); lower it or set data.val_split.")
   order = np.random.default_rng(VAL_SEED).permutation(n)
   val_idx, train_idx = np.sort(order[:val_examples]), np.sort(order[val_examples:])
-  return (SubsetSource(train, train_idx, f"{description} minus {val_examples} val images"),
-          SubsetSource(train, val_idx, f"{description} val carve ({val_examples} images)"))
+  subset = TokenSubset if hasattr(train, "get_tokens") else SubsetSource
+  return (subset(train, train_idx, f"{description} minus {val_examples} val images"),
+          subset(train, val_idx, f"{description} val carve ({val_examples} images)"))
 
 
 def make_source(data_cfg, split: str, image_side: int) -> ImageSource:

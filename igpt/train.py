@@ -34,8 +34,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from igpt import (distributed, guards, losses, metrics, model, objectives, optim, palette,
-                  pipeline, readers, run, sharding, summaries, workdir as workdirs)
+from igpt import (distributed, finetune, guards, losses, metrics, model, objectives, optim,
+                  palette, pipeline, readers, run, sharding, summaries,
+                  workdir as workdirs)
 from igpt.model import ModelConfig
 
 
@@ -125,9 +126,25 @@ class Trainer:
 # Train state: {'params', 'opt', 'step'}, born sharded.
 # ----------------------------------------------------------------------------------------
 
-def _init_state(model_cfg: ModelConfig, tx, rng) -> dict:
-  params = model.init_params(model_cfg, rng)
-  return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+def init_params(trainer: Trainer, rng) -> dict:
+  """The model's params plus any the objective adds (a fine-tuning head)."""
+  params = model.init_params(trainer.model_cfg, rng)
+  if trainer.objective.init_head:
+    params = {**params, **trainer.objective.init_head(trainer.model_cfg, trainer.config, rng)}
+  return params
+
+
+def param_axes(trainer: Trainer):
+  """Logical axis names of `init_params`' tree."""
+  axes = model.logical_axes(trainer.model_cfg)
+  if trainer.objective.head_axes:
+    axes = {**axes, **trainer.objective.head_axes(trainer.model_cfg, trainer.config)}
+  return axes
+
+
+def _init_state(trainer: Trainer, rng) -> dict:
+  params = init_params(trainer, rng)
+  return {"params": params, "opt": trainer.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
 def abstract_train_state(trainer: Trainer) -> tuple[Any, Any]:
@@ -137,9 +154,9 @@ def abstract_train_state(trainer: Trainer) -> tuple[Any, Any]:
   the logical-axis rules; Adam's moments mirror their param; counters are replicated.
   """
   mesh, tx = trainer.mesh, trainer.tx
-  shapes = jax.eval_shape(lambda: _init_state(trainer.model_cfg, tx, jax.random.key(0)))
+  shapes = jax.eval_shape(lambda: _init_state(trainer, jax.random.key(0)))
   param_shardings = sharding.logical_to_shardings(
-      model.logical_axes(trainer.model_cfg), shapes["params"], mesh, trainer.rules)
+      param_axes(trainer), shapes["params"], mesh, trainer.rules)
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, shapes["opt"], param_shardings,
       transform_non_params=lambda _: sharding.replicated(mesh),
@@ -158,7 +175,7 @@ def create_train_state(trainer: Trainer, rng) -> tuple[dict, Any]:
   shard of every param and optimiser moment (no full copy on any one device or host).
   """
   _, shardings = abstract_train_state(trainer)
-  init = jax.jit(lambda r: _init_state(trainer.model_cfg, trainer.tx, r), out_shardings=shardings)
+  init = jax.jit(lambda r: _init_state(trainer, r), out_shardings=shardings)
   return init(rng), shardings
 
 
@@ -358,6 +375,7 @@ def _train_and_evaluate(config, workdir: str, cannot_write: Exception | None) ->
 
   # --- Config checks, before any data, device or compile work.
   config = ml_collections.ConfigDict(config)  # private copy; callers' config untouched
+  config = finetune.resolve_config(config)  # init_from: the pretrained run's model, palette
   model_cfg = validate_config(config, jax.device_count(), process_count)
   t = config.train
 
@@ -403,6 +421,9 @@ def _train_and_evaluate(config, workdir: str, cannot_write: Exception | None) ->
       metrics.log("Resumed from checkpoint step %d in %s.", last_saved, ckpt.directory)
     else:
       state, _ = create_train_state(trainer, init_rng)
+      if config.get("init_from", ""):
+        state = finetune.load_pretrained(state, state_shardings, config, mesh)
+        metrics.log("Initialised from the run in %s.", config.init_from)
       start_step = 0
     guard.set_initial_param_norm(float(optax.tree.norm(state["params"])))
     if cannot_write is not None and start_step < t.total_steps:
@@ -419,17 +440,28 @@ def _train_and_evaluate(config, workdir: str, cannot_write: Exception | None) ->
     def objective_batch(batch: dict) -> dict:
       return {k: batch[k] for k in trainer.objective.batch_keys}
 
+    make_batch = finetune.augmented_batch_at if config.get("augment", False) else pipeline.batch_at
+
     def batch_for(step: int):
-      local = pipeline.batch_at(train_source, centers, step, t.batch_size, config.seed,
-                                process_index=process_index, process_count=process_count)
+      local = make_batch(train_source, centers, step, t.batch_size, config.seed,
+                         process_index=process_index, process_count=process_count)
       return sharding.global_batch(objective_batch(local), mesh)
 
     eval_data = [sharding.global_batch({**objective_batch(b), "mask": b["mask"]}, mesh)
                  for b in pipeline.eval_batches(val_source, centers, t.batch_size,
                                                 t.eval_batches, process_index, process_count)]
 
+    # Classifying objectives also report accuracy and keep their best params.
+    accuracy = (finetune.Accuracy(trainer, state_shardings, val_source, centers, t.batch_size,
+                                  t.eval_batches) if "label" in trainer.objective.batch_keys
+                else None)
+    best = finetune.BestKeeper(workdir) if accuracy else None
+
     def run_eval() -> dict:
-      return evaluate(eval_step, state["params"], eval_data, eval_rng)
+      ev = evaluate(eval_step, state["params"], eval_data, eval_rng)
+      if accuracy:
+        ev["eval_accuracy"] = accuracy(state["params"])
+      return ev
 
     if start_step >= t.total_steps:  # a finished run: report its eval; no compile, no writes
       return {"step": start_step, **run_eval()}
@@ -527,6 +559,9 @@ def _train_and_evaluate(config, workdir: str, cannot_write: Exception | None) ->
           tensorboard.scalars(done, ev, prefix="eval/")
           tensorboard.flush()
           final.update(ev)
+          if best and best.update(done, ev["eval_accuracy"], state["params"]):
+            metrics.log("eval accuracy %.4f: the best so far, saved to %s", ev["eval_accuracy"],
+                        best.directory)
 
         if do_save:
           save(done)
@@ -534,4 +569,7 @@ def _train_and_evaluate(config, workdir: str, cannot_write: Exception | None) ->
         if do_eval or do_save:  # keep evals and saves out of the measured rate
           window_start_s, window_step = time.time(), done
     tensorboard.close()
+    if best:
+      final.update(finetune.test_accuracy(config, trainer, state_shardings,
+                                          abstract_state["params"], centers, best))
   return final

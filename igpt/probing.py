@@ -1,0 +1,292 @@
+"""What `probe.py` does: load a model, extract features, fit probes, write the results.
+
+    model = load_model(workdir="runs/tiny")          # or hf_checkpoint=..., palette=...
+    results = run_probes(config, model, out_dir)     # config: configs/probe.py
+
+Outputs in `out_dir` (a run's `probe/` folder by default): `results_<data>.json`,
+`accuracy_vs_layer_<data>.png` and the feature cache `features/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+
+import jax
+import numpy as np
+
+from igpt import convert, features, fileio, linear_probe, model, readers, run, sharding
+from igpt import palette as palette_lib
+from igpt.linear_probe import Split
+from igpt.model import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeModel:
+  """A model to probe: its shape, params, palette and a name for reports and cache keys."""
+
+  name: str  # "pretrained" or "random-init"
+  model_cfg: ModelConfig
+  params: dict
+  centers: np.ndarray | None  # None: only pre-tokenised data can be read
+  identity: str
+  rules: tuple = sharding.DEFAULT_RULES
+  step: int | None = None
+  description: str = ""
+
+  @property
+  def image_side(self) -> int:
+    return math.isqrt(self.model_cfg.seq_len)
+
+
+def load_model(*, workdir: str = "", hf_checkpoint: str = "", palette_path: str = "",
+               step: int | None = None) -> ProbeModel:
+  """The model of a run folder, or of a transformers ImageGPT checkpoint + palette file."""
+  if bool(workdir) == bool(hf_checkpoint):
+    raise ValueError("give exactly one of --workdir (a run folder) and --hf_checkpoint.")
+  if workdir:
+    r = run.load_run(workdir, step)
+    centers = palette_lib.load_palette(palette_path) if palette_path else r.palette
+    return ProbeModel("pretrained", r.model_cfg, r.params, centers,
+                      f"run:{os.path.abspath(workdir)}@{r.step}",
+                      sharding.rules_from_config(r.config), r.step,
+                      f"run {workdir} at step {r.step}")
+  model_cfg, params = convert.load_hf_checkpoint(hf_checkpoint)
+  centers = palette_lib.load_palette(palette_path) if palette_path else None
+  if centers is not None and len(centers) > model_cfg.vocab_size:
+    raise ValueError(f"the palette {palette_path!r} has {len(centers)} colours but the model "
+                     f"has {model_cfg.vocab_size} tokens.")
+  return ProbeModel("pretrained", model_cfg, params, centers,
+                    f"hf:{os.path.abspath(hf_checkpoint)}", description=f"{hf_checkpoint}")
+
+
+def random_init(like: ProbeModel, seed: int) -> ProbeModel:
+  """A freshly initialised model of `like`'s shape (same palette): the probe's control."""
+  # Jitted: eager Flax init is slow, and jit lays the params out once.
+  params = jax.jit(model.init_params, static_argnums=0)(like.model_cfg, jax.random.key(seed))
+  return dataclasses.replace(like, name="random-init", params=params,
+                             identity=f"random-init:{seed}", step=0,
+                             description=f"random init (seed {seed}) of the same shape")
+
+
+# ----------------------------------------------------------------------------------------
+# Data
+
+
+def _head(source, n: int):
+  """The first `n` examples of `source` (all of it when n <= 0 or n >= len)."""
+  if n <= 0 or n >= len(source):
+    return source
+  subset = readers.TokenSubset if hasattr(source, "get_tokens") else readers.SubsetSource
+  return subset(source, np.arange(n), f"{source.description} (first {n})")
+
+
+def labelled_sources(data_cfg, image_side: int) -> dict:
+  """{'train', 'val', 'test'} sources; ValueError when the data has no labels or a split is
+  empty."""
+  out = {}
+  for split in ("train", "val", "test"):
+    source = _head(readers.make_source(data_cfg, split, image_side),
+                   int(data_cfg.get("max_examples_per_split", 0)))
+    if len(source) == 0:
+      raise ValueError(f"the {split} split ({source.description}) is empty.")
+    if source.num_classes is None:
+      raise ValueError(f"{source.description} has no labels: a probe needs labelled data "
+                       "(class subfolders, a label array, or a labelled dataset).")
+    out[split] = source
+  return out
+
+
+def _data_key(data_cfg, split: str, image_side: int) -> dict:
+  key = {k: v for k, v in data_cfg.to_dict().items()}
+  if key.get("path"):
+    key["path"] = os.path.abspath(key["path"])
+  return {**key, "split": split, "image_side": image_side}
+
+
+def _tag(data_cfg) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", data_cfg.name or data_cfg.source)
+
+
+# ----------------------------------------------------------------------------------------
+# Probing
+
+
+def _extract(pm: ProbeModel, config, sources, layers, mesh, cache_dir):
+  """{split: ({layer: [N, D]}, labels [N])} of the model over every split."""
+  if pm.centers is None and not all(hasattr(s, "get_tokens") for s in sources.values()):
+    raise ValueError("this data is images: give the checkpoint's palette file (--palette) to "
+                     "turn them into tokens.")
+  extractor = features.FeatureExtractor(
+      pm.model_cfg, pm.params, pm.centers, mesh, rules=pm.rules, pooling=config.pooling,
+      batch_size=config.batch_size, cache_dir=cache_dir, identity=pm.identity)
+  out = {split: extractor.features(source, _data_key(config.data, split, pm.image_side), layers)
+         for split, source in sources.items()}
+  for split, (_, labels) in out.items():
+    if len(labels) and labels.min() < 0:
+      raise ValueError(f"{sources[split].description} has unlabelled examples: a probe needs "
+                       "a label for every example.")
+  return out, {"cache_hits": extractor.cache_hits, "cache_misses": extractor.cache_misses}
+
+
+def _splits(feats, layers) -> dict:
+  """{split: Split} with the features of `layers` concatenated."""
+  return {split: Split(np.concatenate([f[l] for l in layers], axis=1), y)
+          for split, (f, y) in feats.items()}
+
+
+def probe_model(pm: ProbeModel, config, sources, mesh, cache_dir, log=print) -> dict:
+  """Probes every configured layer of `pm`: per-layer results, best layer, concat, low data."""
+  t0 = time.time()
+  layers = features.resolve_layers(config.layers, pm.model_cfg.num_layers)
+  concat = (features.resolve_layers(config.concat_layers, pm.model_cfg.num_layers)
+            if config.concat_layers else [])
+  feats, cache = _extract(pm, config, sources, sorted(set(layers) | set(concat)), mesh,
+                          cache_dir)
+  t_features = time.time() - t0
+  num_classes = int(max(max(s.num_classes for s in sources.values()),
+                        max(y.max() for _, y in feats.values()) + 1))
+  fit_kwargs = dict(l2_grid=tuple(float(v) for v in config.l2_grid),
+                    max_steps=config.lbfgs_max_steps, tol=config.lbfgs_grad_tol, mesh=mesh)
+  per_layer = []
+  for layer in layers:
+    s = _splits(feats, [layer])
+    r = linear_probe.probe(s["train"], s["val"], s["test"], num_classes, **fit_kwargs)
+    per_layer.append({"layer": layer, **r})
+    log(f"  [{pm.name}] layer {layer:3d}: test {100 * r['test_accuracy']:.2f}%  val "
+        f"{100 * r['val_accuracy']:.2f}%  l2 {r['l2']:g}  ({r['time_s']:.1f}s)")
+  best = max(per_layer, key=lambda r: (r["val_accuracy"], -r["layer"]))
+  result = {"model": pm.description, "identity": pm.identity, "step": pm.step,
+            "num_layers": pm.model_cfg.num_layers, "num_classes": num_classes,
+            "layers": per_layer,
+            "best_layer": {"layer": best["layer"], "chosen_by": "validation accuracy",
+                           "test_accuracy": best["test_accuracy"]},
+            "feature_cache": cache, "time_features_s": t_features}
+  if concat:
+    s = _splits(feats, concat)
+    result["concat"] = {"layers": concat, **linear_probe.probe(
+        s["train"], s["val"], s["test"], num_classes, **fit_kwargs)}
+  ks = tuple(int(k) for k in config.low_data.examples_per_class)
+  if ks:
+    s = _splits(feats, [best["layer"]])
+    result["low_data"] = []
+    for k in ks:
+      r = linear_probe.low_data_probe(s["train"], s["val"], s["test"], num_classes, k,
+                                      config.low_data.draws, config.low_data.seed, **fit_kwargs)
+      result["low_data"].append({"layer": best["layer"], **r})
+      log(f"  [{pm.name}] {k} per class, layer {best['layer']}: test "
+          f"{100 * r['test_accuracy_mean']:.2f}% +- {100 * r['test_accuracy_std']:.2f}% "
+          f"over {r['draws']} draws")
+  result["time_s"] = time.time() - t0
+  return result
+
+
+def check_config(config) -> None:
+  """ValueErrors for settings that cannot work, before any model or data is read."""
+  if config.pooling not in features.POOLINGS:
+    raise ValueError(f"pooling={config.pooling!r}: use one of {list(features.POOLINGS)}.")
+  if not config.l2_grid or any(float(v) < 0 for v in config.l2_grid):
+    raise ValueError(f"l2_grid={tuple(config.l2_grid)} must be non-empty and >= 0.")
+  if config.lbfgs_max_steps < 1:
+    raise ValueError(f"lbfgs_max_steps={config.lbfgs_max_steps} must be >= 1.")
+  if any(int(k) < 1 for k in config.low_data.examples_per_class):
+    raise ValueError(f"low_data.examples_per_class={tuple(config.low_data.examples_per_class)}"
+                     " must be positive.")
+  if config.low_data.draws < 1:
+    raise ValueError(f"low_data.draws={config.low_data.draws} must be >= 1.")
+
+
+def run_probes(config, pm: ProbeModel, out_dir: str, log=print) -> dict:
+  """Probes `pm` (and the random-init control when configured); writes JSON and PNG."""
+  t0 = time.time()
+  check_config(config)
+  features.resolve_layers(config.layers, pm.model_cfg.num_layers)  # fail before any work
+  mesh = sharding.make_mesh(config.mesh)
+  sources = labelled_sources(config.data, pm.image_side)
+  cache_dir = os.path.join(out_dir, "features")
+  log(f"Probing {pm.description} on {sources['train'].description} "
+      f"({len(sources['train'])} train / {len(sources['val'])} val / {len(sources['test'])} "
+      f"test), pooling {config.pooling}")
+  results = {"data": config.data.to_dict(), "pooling": config.pooling,
+             "examples": {k: len(v) for k, v in sources.items()},
+             "pretrained": probe_model(pm, config, sources, mesh, cache_dir, log)}
+  if config.random_init_control:
+    control = random_init(pm, config.random_init_seed)
+    results["random_init"] = probe_model(control, config, sources, mesh, cache_dir, log)
+  results["time_s"] = time.time() - t0
+  tag = _tag(config.data)
+  results["files"] = {"json": os.path.join(out_dir, f"results_{tag}.json"),
+                      "png": os.path.join(out_dir, f"accuracy_vs_layer_{tag}.png")}
+  if jax.process_index() == 0:
+    with fileio.atomic_open(results["files"]["json"]) as f:
+      json.dump(results, f, indent=2)
+    plot(results, results["files"]["png"])
+  log(table(results))
+  return results
+
+
+# ----------------------------------------------------------------------------------------
+# Reports
+
+
+def table(results: dict) -> str:
+  """The console table: test accuracy per layer, pretrained vs the random-init control."""
+  pre, ctl = results["pretrained"], results.get("random_init")
+  ctl_by_layer = {r["layer"]: r for r in ctl["layers"]} if ctl else {}
+  head = f"{'layer':>5}  {'test acc %':>10}  {'val acc %':>9}  {'l2':>8}"
+  head += f"  {'random-init test %':>18}" if ctl else ""
+  lines = [head, "-" * len(head)]
+  for r in pre["layers"]:
+    line = (f"{r['layer']:>5}  {100 * r['test_accuracy']:>10.2f}  "
+            f"{100 * r['val_accuracy']:>9.2f}  {r['l2']:>8g}")
+    if ctl and r["layer"] in ctl_by_layer:
+      line += f"  {100 * ctl_by_layer[r['layer']]['test_accuracy']:>18.2f}"
+    lines.append(line)
+  b = pre["best_layer"]
+  lines.append(f"best layer (by val): {b['layer']}, test {100 * b['test_accuracy']:.2f}%"
+               + (f"; random init best: {100 * ctl['best_layer']['test_accuracy']:.2f}%"
+                  if ctl else ""))
+  if "concat" in pre:
+    c = pre["concat"]
+    lines.append(f"layers {c['layers']} concatenated: test {100 * c['test_accuracy']:.2f}%")
+  for r in pre.get("low_data", []):
+    lines.append(f"{r['examples_per_class']} labels/class (layer {r['layer']}): test "
+                 f"{100 * r['test_accuracy_mean']:.2f}% +- {100 * r['test_accuracy_std']:.2f}%"
+                 f" over {r['draws']} draws")
+  ex = results["examples"]
+  lines.append(f"examples: {ex['train']} train, {ex['val']} val, {ex['test']} test; "
+               f"{results['time_s']:.1f}s")
+  return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+  """Test accuracy against layer (the paper's Figure 3 view), with the control if run."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+  for key, style, label in (("pretrained", "o-", "pretrained"),
+                            ("random_init", "s--", "random init (control)")):
+    if key in results:
+      rows = results[key]["layers"]
+      ax.plot([r["layer"] for r in rows], [100 * r["test_accuracy"] for r in rows], style,
+              label=label)
+  best = results["pretrained"]["best_layer"]
+  ax.axvline(best["layer"], color="grey", lw=0.8, ls=":")
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  ax.set_xlabel("layer (block index)")
+  ax.set_ylabel("linear probe test accuracy (%)")
+  ax.set_title(f"{results['data'].get('name') or results['data']['source']}, "
+               f"{results['pooling']} pooling")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  with fileio.atomic_open(path, "wb") as f:
+    fig.savefig(f, format="png")
+  plt.close(fig)
