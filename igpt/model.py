@@ -120,16 +120,26 @@ class Attention(nn.Module):
     d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
     dtype = jnp.dtype(cfg.dtype)
 
-    def proj(name, stddev):
-      w = self.param(name, nn.with_logical_partitioning(_normal(stddev), ("embed", "heads", "kv")),
-                     (d, h, hd), jnp.float32)
-      return jnp.einsum("bld,dhk->blhk", x_BxLxD, w.astype(dtype))
+    def weight(name, stddev):
+      return self.param(name, nn.with_logical_partitioning(_normal(stddev), ("embed", "heads", "kv")),
+                        (d, h, hd), jnp.float32).astype(dtype)
 
-    # Three matmuls, not one fused [d, 3H, hd]: concatenating head-sharded weights would
-    # move them between devices under tensor parallelism.
-    q_BxLxHxK = proj("q", 1 / math.sqrt(d))
-    k_BxLxHxK = proj("k", 1 / math.sqrt(d))
-    v_BxLxHxK = proj("v", 1 / math.sqrt(d))
+    w_q, w_k, w_v = (weight(name, 1 / math.sqrt(d)) for name in ("q", "k", "v"))
+    if self.decode:
+      # One matmul for a decode step's few rows: a small model's step is bound by the number
+      # of kernels it runs. `fuse_qkv` concatenates the weights once, outside a sampling loop
+      # (XLA does not hoist the concatenation out of the loop by itself).
+      if self.has_variable("params", "qkv"):
+        w_qkv = self.get_variable("params", "qkv").astype(dtype)
+      else:
+        w_qkv = jnp.concatenate([w_q, w_k, w_v], axis=1)
+      qkv_BxLx3HxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, w_qkv)
+      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = jnp.split(qkv_BxLx3HxK, 3, axis=2)
+    else:
+      # Three matmuls, not one fused [d, 3H, hd]: concatenating head-sharded weights would
+      # move them between devices under tensor parallelism.
+      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (jnp.einsum("bld,dhk->blhk", x_BxLxD, w)
+                                         for w in (w_q, w_k, w_v))
     names = ("batch", "length", "heads", "kv")
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (_constrain(t, names) for t in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
     if self.decode:
@@ -303,6 +313,18 @@ def decode(cfg: ModelConfig, params, cache, prev_tokens_BxC, start):
   (logits_BxCxV, _), mutated = IGPT(cfg, decode=True).apply(
       {"params": params, "cache": cache}, prev_tokens_BxC, None, start, mutable=["cache"])
   return logits_BxCxV, mutated["cache"]
+
+
+def fuse_qkv(params) -> dict:
+  """`params` plus, per block, `attn/qkv` [d, 3H, K] (q, k, v concatenated) for `decode`."""
+  blocks = {}
+  for name, block in params.items():
+    if name.startswith("h_"):
+      attn = block["attn"]
+      qkv = jnp.concatenate([attn["q"], attn["k"], attn["v"]], axis=1)
+      block = {**block, "attn": {**attn, "qkv": qkv}}
+    blocks[name] = block
+  return blocks
 
 
 def logical_axes(cfg: ModelConfig):

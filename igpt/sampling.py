@@ -133,6 +133,7 @@ def _segment(cfg: ModelConfig, params, cache, tokens_BxL, rng, start, stop: int,
   """Samples positions [start, stop) into tokens_BxL, growing the cache to `stop` first."""
   cache = model.pad_cache(cache, stop)
   u_SxB = uniforms(rng, tokens_BxL.shape[0], stop)
+  params = model.fuse_qkv(params)  # once per segment, not per step
 
   def step(p, carry):
     cache, tokens_BxL = carry
