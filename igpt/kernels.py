@@ -64,21 +64,39 @@ def attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal: bool, implementation: str
       is_causal=causal, implementation=implementation)
 
 
-def cached_attention(q_BxCxHxK, k_BxSxHxK, v_BxSxHxK, start):
+def cached_attention(q_BxCxHxK, k_BxCxHxK, v_BxCxHxK, cache_k_BxHxSxK, cache_v_BxHxSxK, start):
   """Causal attention of C queries at positions start.. start+C-1 over a key/value cache.
 
-  Keys past a query's own position (not yet written, or written ahead) are masked. Scores in
-  float32. Used by the model's decode mode, where C is small and S is the cache length.
+  The chunk's own keys/values (`k`, `v`) come in apart from the cache, which holds positions
+  before `start` (anything at or past it is masked): the caller writes them into the cache
+  after this reads it, so XLA updates the loop-carried cache in place instead of copying it
+  every step. The cache is [B, H, S, K]: with heads ahead of positions both matmuls are plain
+  batched GEMMs over it. Scores in float32.
   """
   dtype = q_BxCxHxK.dtype
   scale = 1 / math.sqrt(q_BxCxHxK.shape[-1])
-  s_BxHxCxS = jnp.einsum("bchk,bshk->bhcs", q_BxCxHxK.astype(jnp.float32) * scale,
-                         k_BxSxHxK.astype(jnp.float32))
-  num_q, num_k = q_BxCxHxK.shape[1], k_BxSxHxK.shape[1]
-  s_BxHxCxS = jnp.where(_causal_mask(num_q, num_k, start), s_BxHxCxS, -1e30)
-  p_BxHxCxS = jax.nn.softmax(s_BxHxCxS, axis=-1)
-  o_BxCxHxK = jnp.einsum("bhcs,bshk->bchk", p_BxHxCxS, v_BxSxHxK.astype(jnp.float32))
-  return o_BxCxHxK.astype(dtype)
+  f32 = lambda x: x.astype(jnp.float32)
+  q_BxHxCxK = jnp.swapaxes(f32(q_BxCxHxK), 1, 2) * scale
+  k_BxHxCxK, v_BxHxCxK = (jnp.swapaxes(f32(x), 1, 2) for x in (k_BxCxHxK, v_BxCxHxK))
+  num_q, num_cached = q_BxCxHxK.shape[1], cache_k_BxHxSxK.shape[2]
+  s_BxHxCxC = jnp.einsum("bhck,bhjk->bhcj", q_BxHxCxK, k_BxHxCxK)
+  s_BxHxCxC = jnp.where(_causal_mask(num_q, num_q, 0), s_BxHxCxC, -1e30)
+  if isinstance(start, int) and start == 0:  # a prefill from the start: nothing cached yet
+    o_BxHxCxK = jnp.einsum("bhcj,bhjk->bhck", jax.nn.softmax(s_BxHxCxC, axis=-1), v_BxHxCxK)
+    return jnp.swapaxes(o_BxHxCxK, 1, 2).astype(dtype)
+  cached_S = jax.lax.broadcasted_iota(jnp.int32, (1, num_cached), 1) < start
+  s_BxHxCxS = jnp.einsum("bhck,bhsk->bhcs", q_BxHxCxK, f32(cache_k_BxHxSxK))
+  s_BxHxCxS = jnp.where(cached_S, s_BxHxCxS, -1e30)
+  m_BxHxCx1 = jnp.maximum(jnp.max(s_BxHxCxS, axis=-1, keepdims=True),
+                          jnp.max(s_BxHxCxC, axis=-1, keepdims=True))
+  e_BxHxCxS = jnp.exp(s_BxHxCxS - m_BxHxCx1)
+  e_BxHxCxC = jnp.exp(s_BxHxCxC - m_BxHxCx1)
+  total_BxHxCx1 = jnp.sum(e_BxHxCxS, axis=-1, keepdims=True) + jnp.sum(e_BxHxCxC, axis=-1,
+                                                                        keepdims=True)
+  # Normalise the [C, K] output rather than the [C, S] probabilities: one pass fewer over S.
+  o_BxHxCxK = (jnp.einsum("bhcs,bhsk->bhck", e_BxHxCxS, f32(cache_v_BxHxSxK))
+               + jnp.einsum("bhcj,bhjk->bhck", e_BxHxCxC, v_BxHxCxK)) / total_BxHxCx1
+  return jnp.swapaxes(o_BxHxCxK, 1, 2).astype(dtype)
 
 
 # Query rows per block of the blocked attention. On a 2-core AVX-512 CPU, 128 was fastest:

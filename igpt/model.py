@@ -120,16 +120,26 @@ class Attention(nn.Module):
     d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
     dtype = jnp.dtype(cfg.dtype)
 
-    def proj(name, stddev):
-      w = self.param(name, nn.with_logical_partitioning(_normal(stddev), ("embed", "heads", "kv")),
-                     (d, h, hd), jnp.float32)
-      return jnp.einsum("bld,dhk->blhk", x_BxLxD, w.astype(dtype))
+    def weight(name, stddev):
+      return self.param(name, nn.with_logical_partitioning(_normal(stddev), ("embed", "heads", "kv")),
+                        (d, h, hd), jnp.float32).astype(dtype)
 
-    # Three matmuls, not one fused [d, 3H, hd]: concatenating head-sharded weights would
-    # move them between devices under tensor parallelism.
-    q_BxLxHxK = proj("q", 1 / math.sqrt(d))
-    k_BxLxHxK = proj("k", 1 / math.sqrt(d))
-    v_BxLxHxK = proj("v", 1 / math.sqrt(d))
+    w_q, w_k, w_v = (weight(name, 1 / math.sqrt(d)) for name in ("q", "k", "v"))
+    if self.decode:
+      # One matmul for a decode step's few rows: a small model's step is bound by the number
+      # of kernels it runs. `fuse_qkv` concatenates the weights once, outside a sampling loop
+      # (XLA does not hoist the concatenation out of the loop by itself).
+      if self.has_variable("params", "qkv"):
+        w_qkv = self.get_variable("params", "qkv").astype(dtype)
+      else:
+        w_qkv = jnp.concatenate([w_q, w_k, w_v], axis=1)
+      qkv_BxLx3HxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, w_qkv)
+      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = jnp.split(qkv_BxLx3HxK, 3, axis=2)
+    else:
+      # Three matmuls, not one fused [d, 3H, hd]: concatenating head-sharded weights would
+      # move them between devices under tensor parallelism.
+      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (jnp.einsum("bld,dhk->blhk", x_BxLxD, w)
+                                         for w in (w_q, w_k, w_v))
     names = ("batch", "length", "heads", "kv")
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (_constrain(t, names) for t in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
     if self.decode:
@@ -145,15 +155,29 @@ class Attention(nn.Module):
     return jnp.einsum("blhk,hkd->bld", o_BxLxHxK, w_out.astype(dtype))
 
   def _cached(self, q_BxCxHxK, k_BxCxHxK, v_BxCxHxK, start):
-    """Writes this chunk's keys/values at [start, start+C) and attends over the cache."""
+    """Writes this chunk's keys/values at [start, start+C) and attends over the cache.
+
+    The cache is [B, H, S, K] (heads before positions) so both attention matmuls read it in
+    place; S is whatever length the given cache has (`init_cache(..., length)`), which lets a
+    sampler attend only over the part that is filled so far.
+    """
     batch, _, h, hd = k_BxCxHxK.shape
-    shape, dtype = (batch, self.cfg.seq_len, h, hd), k_BxCxHxK.dtype
+    shape, dtype = (batch, h, self.cfg.seq_len, hd), k_BxCxHxK.dtype
     cache_k = self.variable("cache", "k", jnp.zeros, shape, dtype)
     cache_v = self.variable("cache", "v", jnp.zeros, shape, dtype)
-    at = (0, start, 0, 0)
-    cache_k.value = jax.lax.dynamic_update_slice(cache_k.value, k_BxCxHxK, at)
-    cache_v.value = jax.lax.dynamic_update_slice(cache_v.value, v_BxCxHxK, at)
-    return kernels.cached_attention(q_BxCxHxK, cache_k.value, cache_v.value, start)
+    out_BxCxHxK = kernels.cached_attention(q_BxCxHxK, k_BxCxHxK, v_BxCxHxK, cache_k.value,
+                                           cache_v.value, start)
+    # Written after the read above and made to depend on it (the `where` only differs once
+    # the output is already NaN): XLA then updates the loop-carried cache in place. Without
+    # the dependency it cannot order the read before the write and copies the cache twice
+    # per step.
+    after_read = jnp.isnan(out_BxCxHxK[0, 0, 0, 0])
+    at = (0, 0, start, 0)
+    for cache, new_BxCxHxK in ((cache_k, k_BxCxHxK), (cache_v, v_BxCxHxK)):
+      new_BxHxCxK = jnp.swapaxes(new_BxCxHxK, 1, 2).astype(cache.value.dtype)
+      new_BxHxCxK = jnp.where(after_read, jnp.zeros_like(new_BxHxCxK), new_BxHxCxK)
+      cache.value = jax.lax.dynamic_update_slice(cache.value, new_BxHxCxK, at)
+    return out_BxCxHxK
 
 
 class MLP(nn.Module):
@@ -258,11 +282,24 @@ def apply(cfg: ModelConfig, params, tokens_BxL, keep_BxL=None):
   return IGPT(cfg).apply({"params": params}, tokens_BxL, keep_BxL)
 
 
-def init_cache(cfg: ModelConfig, batch_size: int) -> dict:
-  """An empty key/value cache for `decode`: per block, k and v [B, seq_len, H, K] zeros."""
+def init_cache(cfg: ModelConfig, batch_size: int, length: int | None = None) -> dict:
+  """An empty key/value cache for `decode`: per block, k and v [B, H, length, K] zeros in the
+  compute dtype. `length` (default `seq_len`) bounds the positions it can hold; `pad_cache`
+  grows it."""
   tokens = jax.ShapeDtypeStruct((batch_size, 1), jnp.int32)
   shapes = jax.eval_shape(lambda t: IGPT(cfg, decode=True).init(jax.random.key(0), t), tokens)
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.meta.unbox(shapes["cache"]))
+  length = cfg.seq_len if length is None else length
+  if not 1 <= length <= cfg.seq_len:
+    raise ValueError(f"cache length {length} must be in [1, {cfg.seq_len}].")
+  return jax.tree.map(lambda s: jnp.zeros(s.shape[:2] + (length,) + s.shape[3:], s.dtype),
+                      nn.meta.unbox(shapes["cache"]))
+
+
+def pad_cache(cache: dict, length: int) -> dict:
+  """`cache` grown (zero-padded at the end) to hold `length` positions."""
+  def grow(x):
+    return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+  return jax.tree.map(grow, cache)
 
 
 def decode(cfg: ModelConfig, params, cache, prev_tokens_BxC, start):
@@ -276,6 +313,18 @@ def decode(cfg: ModelConfig, params, cache, prev_tokens_BxC, start):
   (logits_BxCxV, _), mutated = IGPT(cfg, decode=True).apply(
       {"params": params, "cache": cache}, prev_tokens_BxC, None, start, mutable=["cache"])
   return logits_BxCxV, mutated["cache"]
+
+
+def fuse_qkv(params) -> dict:
+  """`params` plus, per block, `attn/qkv` [d, 3H, K] (q, k, v concatenated) for `decode`."""
+  blocks = {}
+  for name, block in params.items():
+    if name.startswith("h_"):
+      attn = block["attn"]
+      qkv = jnp.concatenate([attn["q"], attn["k"], attn["v"]], axis=1)
+      block = {**block, "attn": {**attn, "qkv": qkv}}
+    blocks[name] = block
+  return blocks
 
 
 def logical_axes(cfg: ModelConfig):

@@ -1,0 +1,245 @@
+"""The sampler (igpt.sampling) and sample.py: cache equivalence, controls, determinism, CLI."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from igpt import convert, model, run, sample_cli, sampling
+import train_helpers
+
+SAMPLE_PY = os.path.join(train_helpers.REPO, "sample.py")
+
+
+@functools.lru_cache(maxsize=None)
+def _model(num_layers=2, d_model=32, num_heads=4, seq_len=16, vocab_size=16, seed=0):
+  """A random causal model whose output head is not zero (so the logits are not flat)."""
+  cfg = model.ModelConfig(num_layers=num_layers, d_model=d_model, num_heads=num_heads,
+                          seq_len=seq_len, vocab_size=vocab_size)
+  params = model.init_params(cfg, jax.random.key(seed))
+  params["wtet"] = 0.3 * jax.random.normal(jax.random.key(seed + 1), params["wtet"].shape)
+  return cfg, params
+
+
+def _tokens(cfg, batch, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, cfg.seq_len)),
+                     jnp.int32)
+
+
+def _assert_close(got, want, rtol):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert np.max(np.abs(got - want)) <= rtol * np.max(np.abs(want)), np.max(np.abs(got - want))
+
+
+_decode = jax.jit(model.decode, static_argnums=0)
+_prefill = jax.jit(model.decode, static_argnums=(0, 4))
+_apply = jax.jit(lambda cfg, params, tokens: model.apply(cfg, params, tokens)[0], static_argnums=0)
+
+
+# ------------------------------------------------------------------------------------------
+# The cache
+
+
+def test_cached_decoding_matches_the_full_pass():
+  cfg, params = _model()
+  tokens = _tokens(cfg, batch=3)
+  full = _apply(cfg, params, tokens)
+  prev = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)))  # the token before each position
+  # One token at a time through a cache that grows like the sampler's (8, then 16).
+  cache, steps = model.init_cache(cfg, 3, 8), []
+  for p in range(cfg.seq_len):
+    if p == 8:
+      cache = model.pad_cache(cache, 16)
+    logits, cache = _decode(cfg, params, cache, prev[:, p:p + 1], jnp.int32(p))
+    steps.append(logits)
+  _assert_close(jnp.concatenate(steps, axis=1), full, rtol=1e-5)
+  # An 8-token prefill (static start 0), then two chunks of 4 at traced starts.
+  chunks = [_prefill(cfg, params, model.init_cache(cfg, 3), prev[:, :8], 0)]
+  for start in (8, 12):
+    chunks.append(_decode(cfg, params, chunks[-1][1], prev[:, start:start + 4], jnp.int32(start)))
+  _assert_close(jnp.concatenate([c[0] for c in chunks], axis=1), full, rtol=1e-5)
+
+
+def test_greedy_sampling_is_the_argmax_of_the_full_pass():
+  cfg, params = _model()
+  prompt = _tokens(cfg, batch=2)[:, :5]
+  got = sampling.sample(cfg, params, prompt, jax.random.key(0), sampling.Settings(greedy=True))
+  want = jnp.pad(prompt, ((0, 0), (0, cfg.seq_len - 5)))
+  for p in range(5, cfg.seq_len):
+    logits = _apply(cfg, params, want)
+    want = want.at[:, p].set(jnp.argmax(logits[:, p], axis=-1))
+  np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------
+# Sampling controls
+
+
+def test_sampled_frequencies_match_the_softmax():
+  # Only the last position is sampled, 8,000 times after the same prompt.
+  cfg, params = _model(num_layers=1, d_model=16, num_heads=2, seq_len=6, vocab_size=6)
+  prompt = jnp.tile(_tokens(cfg, batch=1)[:, :5], (8_000, 1))
+  temperature = 0.7
+  logits = _apply(cfg, params, jnp.pad(prompt[:1], ((0, 0), (0, 1))))[0, 5]
+  expected = np.asarray(jax.nn.softmax(logits / temperature), np.float64)
+  expected /= expected.sum()
+  assert expected.max() < 0.9  # a distribution worth testing
+  tokens = sampling.sample(cfg, params, prompt, jax.random.key(7),
+                           sampling.Settings(temperature=temperature))
+  np.testing.assert_array_equal(tokens[:, :5], prompt)
+  counts = np.bincount(np.asarray(tokens[:, 5]), minlength=cfg.vocab_size)
+  assert stats.chisquare(counts, expected * counts.sum()).pvalue > 1e-3
+
+
+def test_top_k_never_leaves_the_top_k():
+  logits = jax.random.normal(jax.random.key(0), (64, 32))
+  u = jax.random.uniform(jax.random.key(1), (200, 64))
+  draw = jax.vmap(lambda u_B: sampling.sample_token(logits, u_B, sampling.Settings(top_k=3)))
+  tokens = np.asarray(draw(u))  # [200, 64]
+  top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+  assert all(set(tokens[:, b]) <= set(top3[b]) for b in range(64))
+  assert len(set(tokens[:, 0])) == 3  # and it does use all three
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+  logits = np.asarray(jax.random.normal(jax.random.key(0), (50, 20)) * 2)
+  for top_p in (0.1, 0.5, 0.9, 1.0):
+    kept = np.isfinite(sampling.filter_logits(jnp.asarray(logits), sampling.Settings(top_p=top_p)))
+    for row, keep in zip(logits, np.asarray(kept)):
+      order = np.argsort(-row)
+      probs = np.exp(row - row.max())
+      probs /= probs.sum()
+      mass = np.cumsum(probs[order])
+      size = int(np.searchsorted(mass, top_p - 1e-6)) + 1  # first prefix reaching p
+      assert set(np.flatnonzero(keep)) == set(order[:min(size, len(row))]), top_p
+
+
+def test_settings_are_checked():
+  for bad, match in ((dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"),
+                     (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k")):
+    with pytest.raises(ValueError, match=match):
+      sampling.Settings(**bad).check()
+  sampling.Settings(temperature=0.0, greedy=True).check()
+
+
+# ------------------------------------------------------------------------------------------
+# Completion and determinism
+
+
+def test_completion_keeps_the_prompt_and_the_seed_fixes_the_images():
+  cfg, params = _model()
+  prompt = _tokens(cfg, batch=4)[:, :6]
+  run = lambda seed: np.asarray(sampling.sample(cfg, params, prompt, jax.random.key(seed)))
+  a, b, c = run(1), run(1), run(2)
+  np.testing.assert_array_equal(a[:, :6], prompt)
+  np.testing.assert_array_equal(a, b)
+  assert (a[:, 6:] != c[:, 6:]).any()
+  # The segmentation does not change the draws.
+  d = sampling.sample(cfg, params, prompt, jax.random.key(1), segment_len=8)
+  np.testing.assert_array_equal(a, d)
+
+
+def test_sharded_over_four_devices_gives_the_same_tokens():
+  script = textwrap.dedent("""
+      import jax, numpy as np
+      from igpt import convert, model, run, sample_cli, sampling
+      assert jax.device_count() == 4
+      cfg = model.ModelConfig(num_layers=2, d_model=32, num_heads=4, seq_len=16, vocab_size=16)
+      params = model.init_params(cfg, jax.random.key(0))
+      params["wtet"] = 0.3 * jax.random.normal(jax.random.key(1), params["wtet"].shape)
+      prompt = np.random.default_rng(0).integers(0, 16, (8, 5)).astype(np.int32)
+      one = sampling.sample(cfg, params, prompt, jax.random.key(3))
+      mesh = sampling.batch_mesh()
+      four = sampling.sample(cfg, params, prompt, jax.random.key(3), mesh=mesh)
+      assert len(four.sharding.device_set) == 4, four.sharding
+      np.testing.assert_array_equal(np.asarray(one), np.asarray(four))
+      print("same")
+  """)
+  proc = train_helpers.run([sys.executable, "-c", script], num_devices=4, timeout=120)
+  assert "same" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# sample.py
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  train_helpers.run(train_helpers.cli_args(workdir, train__total_steps=4, train__eval_every_steps=4),
+                    timeout=180)
+  return workdir
+
+
+def _sample_cli(*args, num_devices=1):
+  return subprocess.run([sys.executable, SAMPLE_PY, *args], env=train_helpers.env(num_devices),
+                        cwd=train_helpers.REPO, capture_output=True, text=True, timeout=180)
+
+
+def test_cli_writes_the_grid_and_the_tokens(tiny_run, tmp_path):
+  from PIL import Image  # noqa: PLC0415
+
+  proc = _sample_cli("--workdir", tiny_run, "--out", str(tmp_path), "--config.num_samples=3",
+                     "--config.completions_per_image=2", "--config.prompt_rows=3",
+                     "--config.name=grid", "--config.upscale_factor=4")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  tokens = np.load(tmp_path / "grid.npy")
+  assert tokens.shape == (3, 2, 64)
+  # 3 rows of (original, prompt, 2 completions), 8x8 images at 4x with 2-pixel gaps.
+  assert Image.open(tmp_path / "grid.png").size == (4 * 34 + 2, 3 * 34 + 2)
+  assert "pixels" in proc.stderr and "tokens/s" in proc.stderr  # the progress line
+  # Unconditional, into the run's samples/ folder by default (in-process: no second start-up).
+  config = _sample_config(mode="unconditional", num_samples=5, grid_columns=5)
+  png = sample_cli.main(config, tiny_run, None, None, None, None)
+  assert png == os.path.join(tiny_run, "samples", "unconditional_step4_seed0.png")
+  assert np.load(png[:-4] + ".npy").shape == (5, 64)
+
+
+def _sample_config(**overrides):
+  spec = importlib.util.spec_from_file_location(
+      "sample_config", os.path.join(train_helpers.REPO, "configs", "sample.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.update(overrides)
+  return config
+
+
+def test_cli_bad_inputs_give_one_line(tiny_run, tmp_path):
+  bad_palette = tmp_path / "palette.npy"
+  np.save(bad_palette, np.zeros((4, 3), np.float32))
+  cases = {
+      "no checkpoint": (["--workdir", str(tmp_path / "fresh")], "no checkpoint in"),
+      "prompt rows": (["--workdir", tiny_run, "--config.prompt_rows=9"], "prompt_rows=9"),
+      "temperature": (["--workdir", tiny_run, "--config.temperature=0"], "temperature=0"),
+      "top_p": (["--workdir", tiny_run, "--config.top_p=1.5"], "top_p=1.5"),
+      "hf palette": (["--hf", str(tmp_path / "hf"), "--palette", str(bad_palette)],
+                     "has 4 colours but the model has 16 tokens"),
+  }
+  # An HF folder made from the tiny run, for the palette case.
+  r = run.load_run(tiny_run)
+  convert.save_hf_checkpoint(r.model_cfg, r.params, str(tmp_path / "hf"))
+  os.makedirs(tmp_path / "fresh")  # a run folder killed before its first checkpoint
+  for name in ("config.json", "palette.npy"):
+    shutil.copy(os.path.join(tiny_run, name), tmp_path / "fresh" / name)
+  procs = {name: subprocess.Popen([sys.executable, SAMPLE_PY, *args], env=train_helpers.env(1),
+                                  cwd=train_helpers.REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+           for name, (args, _) in cases.items()}
+  for name, proc in procs.items():
+    _, stderr = proc.communicate(timeout=180)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, (name, stderr[-2000:])
+    assert len(errors) == 1 and cases[name][1] in errors[0], (name, stderr[-2000:])
+    assert "Traceback" not in stderr, name
