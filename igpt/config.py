@@ -66,6 +66,11 @@ def base_config(*, num_layers: int, d_model: int, num_heads: int, image_side: in
       # into <workdir>/profile/ (TensorBoard's profile tab or Perfetto).
       profile_start_step=0,
       profile_num_steps=0,
+      # Every sample_every_steps (0 = never) a fixed-seed picture of sample_num_images
+      # unconditional samples and completions of as many held-out images goes to TensorBoard
+      # and <workdir>/samples/step_<N>.png; its time is logged and kept out of tokens/s.
+      sample_every_steps=0,
+      sample_num_images=4,
   ))
 
   # Stops a diverging run before it is checkpointed (see igpt.guards.DivergenceGuard): the

@@ -5,6 +5,8 @@
     <workdir>/metrics.jsonl       one JSON record per log step and per evaluation
     <workdir>/tensorboard/        the same scalars (and training samples) for TensorBoard
     <workdir>/profile/            jax.profiler traces, when train.profile_num_steps > 0
+    <workdir>/samples/            sample pictures (training's every train.sample_every_steps,
+                                  and sample.py's)
     <workdir>/checkpoints/<step>/ orbax: `params`, `train_state` (optimiser; absent in an
                                   imported run) and `extra` (data position, config)
 
@@ -32,6 +34,7 @@ PALETTE_FILE = "palette.npy"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 PROFILE_DIR = "profile"
+SAMPLES_DIR = "samples"
 CHECKPOINT_DIR = "checkpoints"
 
 

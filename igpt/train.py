@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from PIL import Image
 
-from igpt import (distributed, finetune, guards, losses, metrics, model, objectives, optim,
-                  palette, pipeline, readers, run, sharding, summaries,
+from igpt import (distributed, fileio, finetune, guards, losses, metrics, model, objectives, optim,
+                  palette, pipeline, readers, run, sharding, summaries, train_samples,
                   workdir as workdirs)
 from igpt.model import ModelConfig
 
@@ -82,6 +83,12 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
                "keep_checkpoints"):
     if t[name] < 1:
       raise ValueError(f"train.{name}={t[name]} must be >= 1.")
+  if t.sample_every_steps < 0 or t.sample_num_images < 1:
+    raise ValueError(f"train.sample_every_steps={t.sample_every_steps} must be >= 0 (0: no "
+                     f"samples) and train.sample_num_images={t.sample_num_images} >= 1.")
+  if t.sample_every_steps and not objective.causal:
+    raise ValueError(f"train.sample_every_steps={t.sample_every_steps}: only autoregressive "
+                     f"models sample; objective {objective.name!r} does not. Set it to 0.")
   for name in ("profile_start_step", "profile_num_steps"):
     if t[name] < 0:
       raise ValueError(f"train.{name}={t[name]} must be >= 0 (profile_num_steps=0: no trace).")
@@ -482,6 +489,23 @@ def _train_and_evaluate(config, workdir: str, cannot_write: Exception | None) ->
         peak_flops_per_device=metrics.peak_flops_per_device(jax.devices()[0].device_kind,
                                                             t.peak_flops_per_device))
 
+    samples = (train_samples.TrainingSamples(model_cfg, centers, val_source,
+                                             t.sample_num_images, config.seed)
+               if t.sample_every_steps else None)
+
+    def draw_samples(step: int) -> None:
+      t0 = time.time()
+      picture = samples.picture(state["params"])
+      seconds = time.time() - t0
+      if is_writer:
+        path = os.path.join(run.path(workdir, run.SAMPLES_DIR), f"step_{step:07d}.png")
+        with fileio.atomic_open(path, "wb") as f:
+          Image.fromarray(picture).save(f, format="png")
+        tensorboard.image(step, "samples", picture)
+        tensorboard.flush()
+        writer.write(step, sample_seconds=seconds)
+        metrics.log("samples @ step %d: %s (%.1fs, not counted in tok/s)", step, path, seconds)
+
     def save(step: int) -> None:
       extra = {"data": {"next_step": step, "seed": config.seed}, "config": config_json,
                "guard": guard.reference}
@@ -524,7 +548,8 @@ def _train_and_evaluate(config, workdir: str, cannot_write: Exception | None) ->
         do_log = done % t.log_every_steps == 0 or is_last
         do_eval = done % t.eval_every_steps == 0 or is_last
         do_save = done % t.checkpoint_every_steps == 0 or is_last
-        if not (do_log or do_eval or do_save):
+        do_sample = bool(t.sample_every_steps) and (done % t.sample_every_steps == 0 or is_last)
+        if not (do_log or do_eval or do_save or do_sample):
           continue
         fetched = jax.device_get(pending)
         pending = []
@@ -563,10 +588,13 @@ def _train_and_evaluate(config, workdir: str, cannot_write: Exception | None) ->
             metrics.log("eval accuracy %.4f: the best so far, saved to %s", ev["eval_accuracy"],
                         best.directory)
 
+        if do_sample:
+          draw_samples(done)
+
         if do_save:
           save(done)
           last_good = done
-        if do_eval or do_save:  # keep evals and saves out of the measured rate
+        if do_eval or do_save or do_sample:  # keep them out of the measured rate
           window_start_s, window_step = time.time(), done
     tensorboard.close()
     if best:

@@ -25,7 +25,9 @@ LOCK_FILE = ".lock"
 SAFE_FIELDS = (
     "train.total_steps", "train.log_every_steps", "train.eval_every_steps",
     "train.eval_batches", "train.checkpoint_every_steps", "train.keep_checkpoints",
-    "train.peak_flops_per_device", "train.grad_accum_steps", "guard.", "mesh.",
+    "train.peak_flops_per_device", "train.grad_accum_steps", "train.profile_start_step",
+    "train.profile_num_steps", "train.sample_every_steps", "train.sample_num_images",
+    "guard.", "mesh.",
     "sharding_rules", "distributed", "model.attention", "model.remat", "data.data_dir",
     "data.test_split",
     # The palette file itself is compared by content (train.prepare_palette).

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from igpt import guards, losses, metrics, model, optim, palette, pipeline, readers, run, sharding, train
 
@@ -344,10 +345,24 @@ def _assert_tensorboard_matches_metrics(workdir):
   assert {"train/grad_norm", "train/lr", "train/tokens_per_s", "eval/eval_bits_per_dim"} <= set(scalars)
 
 
-def test_tensorboard_scalars_and_profile_trace(tmp_path):
-  workdir = str(tmp_path / "w")
-  th.run(th.cli_args(workdir, **{"train.profile_start_step": 2, "train.profile_num_steps": 2}))
+def test_tensorboard_scalars_samples_and_profile_trace(tmp_path):
+  runs = {}
+  for name in ("a", "b"):  # two identical runs: the samples are a function of the seed
+    runs[name] = str(tmp_path / name)
+    th.run(th.cli_args(runs[name], **{"train.profile_start_step": 2, "train.profile_num_steps": 2,
+                                      "train.sample_every_steps": 6}))
+  workdir = runs["a"]
   _assert_tensorboard_matches_metrics(workdir)
   traces = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(workdir, "profile"))
             for f in files if f.endswith((".xplane.pb", ".trace.json.gz"))]
   assert traces, os.listdir(workdir)
+  # Sample pictures at steps 6 and 12 (the last), as PNGs and TensorBoard images.
+  pngs = sorted(os.listdir(os.path.join(workdir, "samples")))
+  assert pngs == ["step_0000006.png", "step_0000012.png"], pngs
+  images = th.read_tensorboard_images(workdir)
+  assert [step for step, _ in images["samples"]] == [6, 12]
+  for png in pngs:
+    a = np.asarray(Image.open(os.path.join(runs["a"], "samples", png)))
+    b = np.asarray(Image.open(os.path.join(runs["b"], "samples", png)))
+    np.testing.assert_array_equal(a, b)
+  assert [r["step"] for r in th.read_metrics(workdir) if "sample_seconds" in r] == [6, 12]

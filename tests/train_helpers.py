@@ -101,3 +101,14 @@ def read_tensorboard_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]
                                            size_guidance={"scalars": 0, "images": 0})
   acc.Reload()
   return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_tensorboard_images(workdir: str) -> dict[str, list[tuple[int, bytes]]]:
+  """{tag: [(step, encoded image), ...]} as TensorBoard reads workdir/tensorboard."""
+  from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
+
+  acc = event_accumulator.EventAccumulator(os.path.join(workdir, "tensorboard"),
+                                           size_guidance={"images": 0})
+  acc.Reload()
+  return {tag: [(e.step, e.encoded_image_string) for e in acc.Images(tag)]
+          for tag in acc.Tags()["images"]}
