@@ -530,7 +530,7 @@ def _train_and_evaluate(config, workdir: str, cannot_write: Exception | None) ->
     with jax.set_mesh(mesh):
       for step in range(start_step, t.total_steps):
         if step in profile_steps and not profiling:
-          jax.profiler.start_trace(run.path(workdir, run.PROFILE_DIR))
+          jax.profiler.start_trace(run.path(workdir, run.PROFILE_DIR), create_perfetto_trace=True)
           profiling, profile_first = True, step
         state, step_metrics = compiled_step(state, batch, jax.random.fold_in(step_rng, step))
         if profiling and step == profile_steps[-1]:
