@@ -18,20 +18,7 @@ import time
 
 import numpy as np
 
-from igpt.config import PAPER_SIZES
-
-
-def parse_sizes(spec: str):
-  """'s:1,8x256x8:4' -> [(name, layers, width, heads, batch)]."""
-  out = []
-  for item in spec.split(","):
-    size, _, batch = item.partition(":")
-    if size in PAPER_SIZES:
-      layers, width, heads = PAPER_SIZES[size][:3]
-    else:
-      layers, width, heads = (int(v) for v in size.split("x"))
-    out.append((size, layers, width, heads, int(batch or 1)))
-  return out
+from igpt.config import parse_sizes
 
 
 def timed(fn, warmup: int, steps: int) -> list[float]:

@@ -18,22 +18,9 @@ import os
 import statistics
 import time
 
-from igpt.config import PAPER_SIZES
+from igpt.config import parse_sizes
 from igpt.metrics import flops_per_token  # the FLOPs bench_train.py counts
 from igpt.model import ModelConfig
-
-
-def parse_sizes(spec: str):
-  """'s:1,8x256x8:4' -> [(name, layers, width, heads, batch)]. Named sizes: igpt.config.PAPER_SIZES."""
-  out = []
-  for item in spec.split(","):
-    size, _, batch = item.partition(":")
-    if size in PAPER_SIZES:
-      layers, width, heads = PAPER_SIZES[size][:3]
-    else:
-      layers, width, heads = (int(v) for v in size.split("x"))
-    out.append((size, layers, width, heads, int(batch or 1)))
-  return out
 
 
 def build_step(torch, layers, width, heads, batch, seq_len, seed=0):

@@ -130,3 +130,23 @@ def paper_config(size: str, variant: str | None = None) -> ml_collections.Config
   c.train.batch_size = batch_size
   c.train.total_steps = total_steps
   return c
+
+
+def parse_sizes(spec: str) -> list[tuple[str, int, int, int, int]]:
+  """'s:1,8x256x8:4' -> [(name, layers, width, heads, batch)] (the benchmarks' size lists).
+
+  A name is a paper size (s, m, l, xl) or LAYERSxWIDTHxHEADS; the batch defaults to 1.
+  """
+  out = []
+  for item in filter(None, spec.split(",")):
+    size, _, batch = item.partition(":")
+    if size in PAPER_SIZES:
+      layers, width, heads = PAPER_SIZES[size][:3]
+    else:
+      try:
+        layers, width, heads = (int(v) for v in size.lower().split("x"))
+      except ValueError:
+        raise ValueError(f"size {size!r}: use one of {sorted(PAPER_SIZES)} or "
+                         "LAYERSxWIDTHxHEADS, e.g. 8x256x8.") from None
+    out.append((size, layers, width, heads, int(batch or 1)))
+  return out
