@@ -13,7 +13,7 @@ import numpy as np
 
 from igpt import palette, pipeline, sampling
 from igpt.model import ModelConfig
-from igpt.sample_cli import TARGET_CELL_PX, grid
+from igpt.pictures import TARGET_CELL_PX, grid
 
 COMPLETIONS_PER_IMAGE = 2
 PROMPT_GREY = 128
