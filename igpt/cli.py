@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging as pylogging
 import os
 import sys
+import threading
 
 from absl import flags, logging
 
@@ -41,7 +42,8 @@ class _QuietConsole:
   def filter(self, record):
     from_orbax = "/orbax/" in record.pathname
     if record.levelno >= pylogging.WARNING:
-      if from_orbax and not self.debug:
+      # Orbax's background saves run on asyncio: a failed one logs there too.
+      if (from_orbax or "/asyncio/" in record.pathname) and not self.debug:
         record.exc_info, record.exc_text = None, None
       return True
     if from_orbax:
@@ -106,6 +108,11 @@ def parse_flags(argv):
     fail(f"cannot read the config: {type(e).__name__}: {error_line(e)}")
 
 
+def _one_line_thread_error(args) -> None:
+  sys.stderr.write(f"warning: background thread {args.thread.name if args.thread else '?'} "
+                   f"failed: {args.exc_type.__name__}: {args.exc_value}\n")
+
+
 def run_main(main, interrupted_hint="", debug_hint: bool = True,
              hard_exit: bool = False) -> None:
   """Calls `main()` with the entry-point error style (see the module docstring).
@@ -117,6 +124,10 @@ def run_main(main, interrupted_hint="", debug_hint: bool = True,
   """
   debug = debug_enabled()
   logging.get_absl_handler().addFilter(_QuietConsole(debug))
+  if not debug:
+    # A failed background write (Orbax's save threads) is re-raised in the main thread, which
+    # reports it in one line; the thread's own traceback would only bury that line.
+    threading.excepthook = _one_line_thread_error
   try:
     main()
   except KeyboardInterrupt:
