@@ -356,15 +356,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   is only evaluated, and then also from a read-only folder. A refused write (disk full,
   read-only, permission) raises workdir.WorkdirError naming the path.
   """
+  # --- Processes: join the other hosts first; everything below sees the global devices.
   distributed.maybe_initialize(config)
-  # A bad config fails before the workdir is even created.
-  validate_config(ml_collections.ConfigDict(config), jax.device_count(), jax.process_count())
+  # --- Config checks, before any data, device or compile work: a bad config fails before
+  # the workdir is even created.
+  config = ml_collections.ConfigDict(config)  # private copy; callers' config untouched
+  config = finetune.resolve_config(config)  # init_from: the pretrained run's model, palette
+  model_cfg = validate_config(config, jax.device_count(), jax.process_count())
   is_writer = jax.process_index() == 0
   lock = (workdirs.lock(workdir, required=False) if is_writer
           else contextlib.nullcontext(None))
   with lock as cannot_write:
     try:
-      return _train_and_evaluate(config, workdir, cannot_write)
+      return _train_and_evaluate(config, model_cfg, workdir, cannot_write)
     except workdirs.WorkdirError:
       raise
     except Exception as e:
@@ -373,17 +377,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise
 
 
-def _train_and_evaluate(config, workdir: str, cannot_write: Exception | None) -> dict:
-  """The run itself, under the workdir lock; `cannot_write`: why the folder is read-only."""
-  # --- Processes: join the other hosts first; everything below sees the global devices.
-  distributed.maybe_initialize(config)
+def _train_and_evaluate(config, model_cfg: ModelConfig, workdir: str,
+                        cannot_write: Exception | None) -> dict:
+  """The run itself, under the workdir lock, for a checked config; `cannot_write`: why the
+  folder is read-only."""
   process_index, process_count = jax.process_index(), jax.process_count()
   is_writer = process_index == 0
-
-  # --- Config checks, before any data, device or compile work.
-  config = ml_collections.ConfigDict(config)  # private copy; callers' config untouched
-  config = finetune.resolve_config(config)  # init_from: the pretrained run's model, palette
-  model_cfg = validate_config(config, jax.device_count(), process_count)
   t = config.train
 
   # --- Workdir: a run already in it must have the same model and data (checked before
