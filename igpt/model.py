@@ -286,13 +286,14 @@ def init_cache(cfg: ModelConfig, batch_size: int, length: int | None = None) -> 
   """An empty key/value cache for `decode`: per block, k and v [B, H, length, K] zeros in the
   compute dtype. `length` (default `seq_len`) bounds the positions it can hold; `pad_cache`
   grows it."""
-  tokens = jax.ShapeDtypeStruct((batch_size, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda t: IGPT(cfg, decode=True).init(jax.random.key(0), t), tokens)
   length = cfg.seq_len if length is None else length
   if not 1 <= length <= cfg.seq_len:
     raise ValueError(f"cache length {length} must be in [1, {cfg.seq_len}].")
-  return jax.tree.map(lambda s: jnp.zeros(s.shape[:2] + (length,) + s.shape[3:], s.dtype),
-                      nn.meta.unbox(shapes["cache"]))
+  # The layout `Attention._cached` declares, built directly: tracing the model for its
+  # shapes took longer than sampling a whole small image.
+  shape = (batch_size, cfg.num_heads, length, cfg.head_dim)
+  zeros = lambda: jnp.zeros(shape, cfg.dtype)
+  return {f"h_{i}": {"attn": {"k": zeros(), "v": zeros()}} for i in range(cfg.num_layers)}
 
 
 def pad_cache(cache: dict, length: int) -> dict:

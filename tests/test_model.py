@@ -337,3 +337,20 @@ def test_decode_through_the_cache_matches_the_full_pass():
     logits, cache = model.decode(cfg, params, cache, prev[:, start:end], start)
     chunks.append(logits)
   _assert_close(jnp.concatenate(chunks, axis=1), full, rtol=1e-5)
+
+
+def test_init_cache_has_the_layout_decode_declares():
+  # init_cache builds the cache without tracing the model; a name or shape that drifted from
+  # what `decode` declares would silently make decode allocate a fresh, full-length cache.
+  cfg = model.ModelConfig(num_layers=2, d_model=32, num_heads=4, seq_len=16, vocab_size=16,
+                          dtype="bfloat16")
+  tokens = jax.ShapeDtypeStruct((3, 1), jnp.int32)
+  declared = jax.eval_shape(lambda t: model.IGPT(cfg, decode=True).init(jax.random.key(0), t),
+                            tokens)["cache"]
+  built = model.init_cache(cfg, 3)
+  assert jax.tree.structure(built) == jax.tree.structure(declared)
+  for b, d in zip(jax.tree.leaves(built), jax.tree.leaves(declared)):
+    assert (b.shape, b.dtype) == (d.shape, d.dtype)
+  params = model.init_params(cfg, jax.random.key(0))
+  _, short = model.decode(cfg, params, model.init_cache(cfg, 3, 4), jnp.zeros((3, 1), jnp.int32), 0)
+  assert jax.tree.leaves(short)[0].shape == (3, 4, 4, 8)  # decode kept the given length
