@@ -80,32 +80,28 @@ def filter_logits(logits_BxV, settings: Settings):
   return logits_BxV
 
 
-def uniforms(rng, batch: int, num_positions: int):
-  """u float32 [num_positions, B] in [0, 1): the random number of each image at each position.
+def gumbel_noise(rng, batch: int, vocab_size: int, begin: int, end: int):
+  """Gumbel noise float32 [end - begin, B, V]: row i is position begin+i's noise per token.
 
-  Drawn up front, outside the decode loop: a threefry draw inside the loop is two nested
-  loops of tiny ops per step, which cost a small model more than its layers on CPU. Row p
-  comes from `fold_in(rng, p)`, so it does not depend on how the positions are split.
+  Drawn up front, outside the decode loop: a threefry draw inside the loop costs a small
+  model more than its layers on CPU. Position p's noise comes from `fold_in(rng, p)`, so it
+  does not depend on how the positions are split into segments.
   """
-  draw = lambda p: jax.random.uniform(jax.random.fold_in(rng, p), (batch,))
-  return jax.vmap(draw)(jnp.arange(num_positions))
+  draw = lambda p: jax.random.gumbel(jax.random.fold_in(rng, p), (batch, vocab_size))
+  return jax.vmap(draw)(jnp.arange(begin, end))
 
 
-def sample_token(logits_BxV, u_B, settings: Settings):
-  """One token int32 [B] per row of logits, given one uniform number u_B per row.
+def sample_token(logits_BxV, gumbel_BxV, settings: Settings):
+  """One token int32 [B] per row of logits, given Gumbel noise per row and token.
 
-  Inverse CDF: the first token whose cumulative probability passes u. One uniform number
-  per row instead of `jax.random.categorical`'s Gumbel number per token.
+  Gumbel-max: argmax(logits / T + g) is distributed as softmax(logits / T), and it costs one
+  reduction, where an inverse-CDF draw needs a softmax and a cumulative sum (a dozen small
+  kernels per step on CPU). Tokens filtered out by top-k / top-p have -inf logits and are
+  never chosen.
   """
   if settings.greedy:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  probs_BxV = jax.nn.softmax(filter_logits(logits_BxV, settings), axis=-1)
-  cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
-  # Scaled by the total so round-off cannot push u past the last token; a token of zero
-  # probability is never picked because its CDF equals its predecessor's.
-  u_Bx1 = u_B[:, None] * cdf_BxV[:, -1:]
-  token_B = jnp.sum(cdf_BxV <= u_Bx1, axis=-1)
-  return jnp.minimum(token_B, logits_BxV.shape[-1] - 1).astype(jnp.int32)
+  return jnp.argmax(filter_logits(logits_BxV, settings) + gumbel_BxV, axis=-1).astype(jnp.int32)
 
 
 def segment_ends(seq_len: int, segment_len: int | None = None) -> list[int]:
@@ -129,19 +125,23 @@ def _prefill(cfg: ModelConfig, params, prompt_BxN, cache_len: int):
   return model.decode(cfg, params, cache, prev_BxN, 0)[1]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(3,))
-def _segment(cfg: ModelConfig, params, cache, tokens_BxL, rng, start, stop: int,
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8), donate_argnums=(3,))
+def _segment(cfg: ModelConfig, params, cache, tokens_BxL, rng, start, begin: int, stop: int,
              settings: Settings):
-  """Samples positions [start, stop) into tokens_BxL, growing the cache to `stop` first."""
+  """Samples positions [start, stop) into tokens_BxL, growing the cache to `stop` first.
+
+  `begin` <= start is the segment's static first position (start is later when a prompt
+  ends inside the segment): the noise is drawn for [begin, stop).
+  """
   cache = model.pad_cache(cache, stop)
-  u_SxB = uniforms(rng, tokens_BxL.shape[0], stop)
+  noise_SxBxV = gumbel_noise(rng, tokens_BxL.shape[0], cfg.vocab_size, begin, stop)
   params = model.fuse_qkv(params)  # once per segment, not per step
 
   def step(p, carry):
     cache, tokens_BxL = carry
     prev_Bx1 = jax.lax.dynamic_slice_in_dim(tokens_BxL, jnp.maximum(p - 1, 0), 1, axis=1)
     logits_Bx1xV, cache = model.decode(cfg, params, cache, prev_Bx1, p)
-    token_B = sample_token(logits_Bx1xV[:, 0], u_SxB[p], settings)
+    token_B = sample_token(logits_Bx1xV[:, 0], noise_SxBxV[p - begin], settings)
     tokens_BxL = jax.lax.dynamic_update_slice_in_dim(tokens_BxL, token_B[:, None], p, axis=1)
     return cache, tokens_BxL
 
@@ -196,7 +196,8 @@ def sample(cfg: ModelConfig, params, prompt_BxN, rng, settings: Settings = Setti
   tokens_BxL = jnp.pad(prompt_BxN, ((0, 0), (0, length - num_prompt)))
   params, prompt_BxN, tokens_BxL = _place(params, prompt_BxN, tokens_BxL, mesh)
 
-  ends = [e for e in segment_ends(length, segment_len) if e > num_prompt]
+  all_ends = segment_ends(length, segment_len)
+  ends = [e for e in all_ends if e > num_prompt]
   if not ends:  # nothing left to sample
     return tokens_BxL
   if num_prompt:
@@ -207,11 +208,11 @@ def sample(cfg: ModelConfig, params, prompt_BxN, rng, settings: Settings = Setti
       cache = jax.device_put(cache, NamedSharding(mesh, P(sharding.BATCH_AXES)))
   if progress:
     progress(num_prompt, length)
-  start = num_prompt
+  start, begin = num_prompt, max([0] + [e for e in all_ends if e <= num_prompt])
   for stop in ends:
-    cache, tokens_BxL = _segment(cfg, params, cache, tokens_BxL, rng, jnp.int32(start), stop,
-                                 settings)
-    start = stop
+    cache, tokens_BxL = _segment(cfg, params, cache, tokens_BxL, rng, jnp.int32(start), begin,
+                                 stop, settings)
+    start = begin = stop
     if progress:
       tokens_BxL.block_until_ready()
       progress(stop, length)

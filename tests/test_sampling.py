@@ -104,9 +104,9 @@ def test_sampled_frequencies_match_the_softmax():
 
 def test_top_k_never_leaves_the_top_k():
   logits = jax.random.normal(jax.random.key(0), (64, 32))
-  u = jax.random.uniform(jax.random.key(1), (200, 64))
-  draw = jax.vmap(lambda u_B: sampling.sample_token(logits, u_B, sampling.Settings(top_k=3)))
-  tokens = np.asarray(draw(u))  # [200, 64]
+  noise = jax.random.gumbel(jax.random.key(1), (200, 64, 32))
+  draw = jax.vmap(lambda g_BxV: sampling.sample_token(logits, g_BxV, sampling.Settings(top_k=3)))
+  tokens = np.asarray(draw(noise))  # [200, 64]
   top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
   assert all(set(tokens[:, b]) <= set(top3[b]) for b in range(64))
   assert len(set(tokens[:, 0])) == 3  # and it does use all three
