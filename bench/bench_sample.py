@@ -23,21 +23,18 @@ import time
 import jax
 import jax.numpy as jnp
 
-from igpt import model, sampling
-from igpt.config import PAPER_SIZES
+from igpt import config, model, sampling
 
 
 def parse_sizes(spec: str):
-  """'4x128x4@16:1,s:4' -> [(name, layers, width, heads, side, batch)]."""
+  """'4x128x4@16:1,s:4' -> [(name, layers, width, heads, side, batch)]: `igpt.config`'s
+  size list, with an optional `@SIDE` (default 32) after a size."""
   out = []
-  for item in spec.split(","):
+  for item in filter(None, spec.split(",")):
     size, _, batch = item.partition(":")
     shape, _, side = size.partition("@")
-    if shape in PAPER_SIZES:
-      layers, width, heads = PAPER_SIZES[shape][:3]
-    else:
-      layers, width, heads = (int(v) for v in shape.split("x"))
-    out.append((size, layers, width, heads, int(side or 32), int(batch or 1)))
+    _, layers, width, heads, batch = config.parse_sizes(f"{shape}:{batch or 1}")[0]
+    out.append((size, layers, width, heads, int(side or 32), batch))
   return out
 
 

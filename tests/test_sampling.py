@@ -148,6 +148,11 @@ def test_completion_keeps_the_prompt_and_the_seed_fixes_the_images():
   # The segmentation does not change the draws.
   d = sampling.sample(cfg, params, prompt, jax.random.key(1), segment_len=8)
   np.testing.assert_array_equal(a, d)
+  # Nor does a prompt that ends inside a later segment (positions 10.. of segments of 4).
+  long_prompt = _tokens(cfg, batch=4)[:, :10]
+  e, f = (np.asarray(sampling.sample(cfg, params, long_prompt, jax.random.key(1), segment_len=n))
+          for n in (4, None))
+  np.testing.assert_array_equal(e, f)
 
 
 def test_sharded_over_four_devices_gives_the_same_tokens():
