@@ -24,9 +24,10 @@ import os
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from igpt import fileio, model, objectives, palette, sharding, workdir as workdirs
-from igpt.checkpoint import Checkpointer
+from igpt.checkpoint import Checkpointer, TreeMismatchError
 from igpt.model import ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -132,19 +133,41 @@ class Run:
   config: ml_collections.ConfigDict
   model_cfg: ModelConfig
   palette: np.ndarray  # float32 [k, 3] in [-1, 1]
-  params: dict
+  params: dict  # the transformer's (what model.apply, sampling and features take)
   step: int
+  head: dict = dataclasses.field(default_factory=dict)  # a fine-tuned run's classifier head
 
 
-def abstract_params(model_cfg: ModelConfig, mesh=None, rules=()):
+def _head_names(config) -> list[str]:
+  """Top-level names of the params a run's objective adds to the model's (a fine-tuning head)."""
+  objective = objectives.get(config.objective)
+  if not objective.init_head:
+    return []
+  cfg = model_config(config)
+  return sorted(jax.eval_shape(lambda: objective.init_head(cfg, config, jax.random.key(0))))
+
+
+def abstract_params(model_cfg: ModelConfig, mesh=None, rules=(), config=None):
   """Shapes of `model_cfg`'s params with shardings: replicated on one device, or laid out on
-  `mesh` by the logical-axis `rules`."""
-  shapes = jax.eval_shape(lambda: model.init_params(model_cfg, jax.random.key(0)))
+  `mesh` by the logical-axis `rules`. With a run `config` whose objective adds params (a
+  fine-tuning head), those are included."""
+  objective = objectives.get(config.objective) if config is not None else None
+
+  def init():
+    params = model.init_params(model_cfg, jax.random.key(0))
+    if objective and objective.init_head:
+      params = {**params, **objective.init_head(model_cfg, config, jax.random.key(0))}
+    return params
+
+  shapes = jax.eval_shape(init)
   if mesh is None:
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: one, shapes)
   else:
-    shardings = sharding.logical_to_shardings(model.logical_axes(model_cfg), shapes, mesh, rules)
+    axes = model.logical_axes(model_cfg)
+    if objective and objective.head_axes:
+      axes = {**axes, **objective.head_axes(model_cfg, config)}
+    shardings = sharding.logical_to_shardings(axes, shapes, mesh, rules)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, shardings)
 
@@ -153,7 +176,9 @@ def load_run(workdir: str, step: int | None = None, mesh=None) -> Run:
   """Config, palette and params of the run in `workdir` at `step` (default: the newest).
 
   Only the params are read (no optimiser state), onto the first local device or, with `mesh`,
-  sharded by the run's logical-axis rules.
+  sharded by the run's logical-axis rules. A fine-tuned run's classifier head comes apart,
+  in `Run.head`. Without `step`, a newest checkpoint that does not read (a damaged file) is
+  skipped with a warning for the next older one; nothing in the folder is changed.
   """
   config = read_config(workdir)
   model_cfg = model_config(config)
@@ -165,16 +190,41 @@ def load_run(workdir: str, step: int | None = None, mesh=None) -> Run:
   if len(centers) > model_cfg.vocab_size:
     raise ValueError(f"{palette_path} has {len(centers)} colours but the model has "
                      f"model.vocab_size={model_cfg.vocab_size} tokens.")
+  rules = sharding.rules_from_config(config) if mesh is not None else ()
+  abstract = {"params": abstract_params(model_cfg, mesh, rules, config)}
   with checkpointer(workdir) as ckpt:
     steps = ckpt.all_steps()
     if not steps:
       raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train the run first (or "
                               "let it reach train.checkpoint_every_steps).")
-    step = steps[-1] if step is None else int(step)
-    rules = sharding.rules_from_config(config) if mesh is not None else ()
-    restored, _ = ckpt.restore(step, {"params": abstract_params(model_cfg, mesh, rules)})
+    if step is not None:
+      step = int(step)
+      if step not in steps:
+        raise ValueError(f"No checkpoint for step {step} in {ckpt.directory}; available steps: "
+                         f"{steps}.")
+    candidates = [step] if step is not None else steps[::-1]
+    for i, candidate in enumerate(candidates):
+      try:
+        restored, _ = ckpt.restore(candidate, abstract)
+        break
+      except TreeMismatchError:
+        raise  # another model, not a damaged file
+      except Exception as e:  # noqa: BLE001  (whatever a damaged file raises)
+        workdirs.quiet_orbax_teardown()
+        reason = workdirs.one_line(e)
+        if i + 1 == len(candidates):
+          others = [s for s in steps if s != candidate]
+          raise ValueError(
+              f"checkpoint {candidate} in {ckpt.directory} does not read ({reason})"
+              + (f"; pick another with --step (available: {others})." if others else ".")
+          ) from e
+        logging.warning("Checkpoint %s in %s does not read (%s); using step %s instead.",
+                        candidate, ckpt.directory, reason, candidates[i + 1])
+    step = candidate
+  params = dict(restored["params"])
+  head = {name: params.pop(name) for name in _head_names(config)}
   return Run(workdir=workdir, config=config, model_cfg=model_cfg,
-             palette=np.asarray(centers, np.float32), params=restored["params"], step=step)
+             palette=np.asarray(centers, np.float32), params=params, step=step, head=head)
 
 
 def save_run(workdir: str, config, centers: np.ndarray, params: dict, step: int = 0) -> None:

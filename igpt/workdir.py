@@ -196,7 +196,8 @@ def move_aside(ckpt, step: int, reason: str, log) -> str:
   return dst
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+  """An exception as one short line (Orbax/TensorStore messages run to pages)."""
   text = str(e).split("See full TensorStore details")[0].strip().splitlines()
   return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
@@ -208,7 +209,7 @@ def _is_orbax_teardown_noise(exc) -> bool:
       "Encountered error while reading array index" in str(exc))
 
 
-def _quiet_orbax_teardown() -> None:
+def quiet_orbax_teardown() -> None:
   """Keeps the tracebacks of a failed read's stray callbacks off the console (once per process)."""
   if getattr(sys.excepthook, "_igpt_quiet", False):
     return
@@ -241,7 +242,7 @@ def restore_newest(ckpt, abstract_state, on_extra, log, required=("data", "confi
       if missing:
         raise ValueError(f"its extra item lacks {missing}")
     except Exception as e:  # noqa: BLE001  (any unreadable extra is damage)
-      move_aside(ckpt, step, _one_line(e), log)
+      move_aside(ckpt, step, one_line(e), log)
       continue
     on_extra(step, extra)
     try:
@@ -249,8 +250,8 @@ def restore_newest(ckpt, abstract_state, on_extra, log, required=("data", "confi
     except TreeMismatchError:
       raise  # another model (e.g. a params-only import), not a damaged file
     except Exception as e:  # noqa: BLE001
-      _quiet_orbax_teardown()
-      move_aside(ckpt, step, _one_line(e), log)
+      quiet_orbax_teardown()
+      move_aside(ckpt, step, one_line(e), log)
       continue
     return step, state, extra
   return None, None, None

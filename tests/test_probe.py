@@ -328,3 +328,7 @@ def test_finetune_from_a_run_beats_chance(tiny_run, tmp_path):
   assert final["test_accuracy"] > 0.25, final  # about 0.43 measured
   assert final["best_eval_accuracy"] == max(final["best_eval_accuracy"], final["eval_accuracy"])
   assert os.path.isfile(tmp_path / "ft" / "best" / "best.json")
+  # The fine-tuned run reads back like any run, its classifier head apart.
+  tuned = run.load_run(str(tmp_path / "ft"))
+  assert tuned.head["clf"]["w"].shape == (th.TINY_OVERRIDES["model.d_model"], 10)
+  assert set(tuned.params) == set(run.load_run(tiny_run).params)

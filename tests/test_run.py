@@ -46,6 +46,19 @@ def test_load_run_errors_name_the_folder(tmp_path, finished_run):
     run.load_run(finished_run, step=3)
 
 
+def test_load_run_skips_a_damaged_newest_checkpoint_and_changes_nothing(finished_run, tmp_path):
+  copy = str(tmp_path / "copy")
+  shutil.copytree(finished_run, copy)
+  ckpt_dir = run.path(copy, run.CHECKPOINT_DIR)
+  data = os.path.join(ckpt_dir, "8", checkpoint.PARAMS_ITEM, "ocdbt.process_0", "d")
+  os.truncate(max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize), 100)
+  before = sorted(os.listdir(ckpt_dir))
+  assert run.load_run(copy).step == 4
+  assert sorted(os.listdir(ckpt_dir)) == before  # a reader moves nothing aside
+  with pytest.raises(ValueError, match=r"checkpoint 8 in .* does not read .*available: \[4\]"):
+    run.load_run(copy, step=8)
+
+
 def test_save_run_round_trips_a_params_only_run(tmp_path):
   config = th.tiny_config()
   cfg = run.model_config(config)
