@@ -55,6 +55,9 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
   if objective.name == "bert" and not 0.0 < config.bert_mask_prob < 1.0:
     raise ValueError(f"bert_mask_prob={config.bert_mask_prob} must be in (0, 1).")
   model_cfg.attention_implementation()  # a forced kernel that cannot run here
+  if config.get("augment", False) and config.data.source == "openai_npy":
+    raise ValueError("augment=True crops and flips images, but data.source='openai_npy' holds "
+                     "palette tokens; set --config.augment=False.")
 
   sizes = sharding.mesh_shape(config.mesh, num_devices)
   dp = sharding.data_parallel_size(sizes)
@@ -363,12 +366,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = ml_collections.ConfigDict(config)  # private copy; callers' config untouched
   config = finetune.resolve_config(config)  # init_from: the pretrained run's model, palette
   model_cfg = validate_config(config, jax.device_count(), jax.process_count())
+  # --- Data: for a new run a missing or unreadable dataset fails before the workdir is
+  # created (a resumed run checks its config first: a changed data source is reported as such).
+  sources = None if os.path.exists(workdir) else _make_sources(config)
   is_writer = jax.process_index() == 0
   lock = (workdirs.lock(workdir, required=False) if is_writer
           else contextlib.nullcontext(None))
   with lock as cannot_write:
     try:
-      return _train_and_evaluate(config, model_cfg, workdir, cannot_write)
+      return _train_and_evaluate(config, model_cfg, sources, workdir, cannot_write)
     except workdirs.WorkdirError:
       raise
     except Exception as e:
@@ -377,10 +383,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise
 
 
-def _train_and_evaluate(config, model_cfg: ModelConfig, workdir: str,
+def _make_sources(config):
+  return tuple(readers.make_source(config.data, split, config.model.image_side)
+               for split in ("train", "val"))
+
+
+def _train_and_evaluate(config, model_cfg: ModelConfig, sources, workdir: str,
                         cannot_write: Exception | None) -> dict:
-  """The run itself, under the workdir lock, for a checked config; `cannot_write`: why the
-  folder is read-only."""
+  """The run itself, under the workdir lock, for a checked config; `sources`: its (train,
+  val) sources when already made; `cannot_write`: why the folder is read-only."""
   process_index, process_count = jax.process_index(), jax.process_count()
   is_writer = process_index == 0
   t = config.train
@@ -389,13 +400,12 @@ def _train_and_evaluate(config, model_cfg: ModelConfig, workdir: str,
   # anything is written); then the resolved config is written, so every run documents itself.
   config_json = run.config_to_json(config)  # also stored with every checkpoint
   run.check_stored_config(workdir, config_json, metrics.log)
+  train_source, val_source = sources or _make_sources(config)  # readable before any write
   if is_writer:
     run.write_config(workdir, config_json)
   writer = metrics.MetricsWriter(run.path(workdir, run.METRICS_FILE), enabled=is_writer)
 
-  # --- Data and palette. Batches are a pure function of (seed, step): resuming is exact.
-  train_source = readers.make_source(config.data, "train", config.model.image_side)
-  val_source = readers.make_source(config.data, "val", config.model.image_side)
+  # --- Palette. Batches are a pure function of (seed, step): resuming is exact.
   centers = prepare_palette(config, train_source, workdir) if is_writer else None
   centers = distributed.broadcast_rows_from_process_0(centers, 3)
 

@@ -162,6 +162,7 @@ BAD_CONFIGS = {
     "palette_file": (dict(data__palette_path="/nonexistent/palette.npy"), "does not exist"),
     "vocab": (dict(model__vocab_size=8), "vocab_size=8 is smaller"),
     "warmup": (dict(optim__warmup_steps=50), "warmup_steps=50"),
+    "augment_tokens": (dict(augment=True, data__source="openai_npy"), "augment=True crops"),
 }
 
 
@@ -188,6 +189,7 @@ def test_unreadable_dataset_fails_before_compile(tmp_path, monkeypatch):
   with pytest.raises((ValueError, FileNotFoundError, OSError)) as e:
     train.train_and_evaluate(config, str(tmp_path / "w"))
   assert "no_such_dir" in str(e.value)
+  assert not os.path.exists(tmp_path / "w")  # nothing half-made left behind
 
 
 def test_palette_is_fitted_then_reused_and_given_file_used_as_is(tmp_path):
