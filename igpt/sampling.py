@@ -31,8 +31,9 @@ from igpt.model import ModelConfig
 
 # Cache lengths grow in segments of about seq_len / SEGMENTS positions (at least
 # MIN_SEGMENT_LEN): more segments read less of the cache per step but compile more loops.
-# Four read on average 5/8 of the full cache per step (the ideal is 1/2) and compile in
-# half the time of eight: iGPT-S's 24-layer loop took tens of seconds per segment on CPU.
+# Four read on average 5/8 of the full cache per step (the ideal is 1/2). On a 2-core CPU,
+# 8 layers / width 256 / batch 4 sampled 1,182 tokens/s with four segments (3.4 s to
+# compile), 1,202 with eight (7.5 s) and 986 with sixteen (16.6 s).
 SEGMENTS = 4
 MIN_SEGMENT_LEN = 128
 
