@@ -125,12 +125,16 @@ class Progress:
   def __init__(self, total_pixels: int, num_prompt: int):
     self.total, self.num_prompt = total_pixels, num_prompt
     self.t0 = time.perf_counter()
+    self.last = -1
 
   def batch(self, base: int, num_images: int):
     """The sampler's callback for a batch of `num_images` real images after `base` pixels."""
     def report(done, length):
       del length
       pixels = base + (done - self.num_prompt) * num_images
+      if pixels == self.last:  # a batch's start repeats the previous batch's end
+        return
+      self.last = pixels
       elapsed = time.perf_counter() - self.t0
       rate = pixels / elapsed if elapsed > 0 else 0.0
       eta = f"{(self.total - pixels) / rate:.0f}s" if rate else "?"
