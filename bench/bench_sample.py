@@ -4,7 +4,8 @@ Both sample every position of an image from nothing (ours: `igpt.sampling.sample
 reference: `ImageGPTForCausalImageModeling.generate` with `do_sample=True, use_cache=True`
 from the SOS token) with random weights of the same shape, same batch and number of new
 tokens. Reports tokens/s and ms per decode step (one token per image), median of `--runs`
-runs after one warm-up; our compile time is reported apart.
+runs after one warm-up, the two sides alternating run by run; our compile time is reported
+apart.
 
   python bench/bench_sample.py --sizes 4x128x4@16:1,8x256x8:4,s:1,s:4
   python bench/bench_sample.py --sizes s:1,s:16 --dtype bfloat16   # GPU: torch under autocast
@@ -38,21 +39,14 @@ def parse_sizes(spec: str):
   return out
 
 
-def time_runs(fn, runs: int):
-  """(first call's seconds, median seconds of `runs` more calls)."""
+def timed(fn) -> float:
   t0 = time.perf_counter()
   fn()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return first, statistics.median(times)
+  return time.perf_counter() - t0
 
 
-def ours(layers, width, heads, side, batch, dtype, runs):
-  """(compile seconds, median seconds per image batch) of igpt.sampling.sample."""
+def ours(layers, width, heads, side, batch, dtype):
+  """A call that samples one batch of whole images with igpt.sampling.sample."""
   cfg = model.ModelConfig(num_layers=layers, d_model=width, num_heads=heads, seq_len=side * side,
                           vocab_size=512, dtype=dtype)
   params = model.init_params(cfg, jax.random.key(0))
@@ -63,12 +57,11 @@ def ours(layers, width, heads, side, batch, dtype, runs):
     rng = jax.random.key(next(calls))
     sampling.sample(cfg, params, None, rng, batch_size=batch).block_until_ready()
 
-  first, median = time_runs(run, runs)
-  return first - median, median
+  return run
 
 
-def reference(layers, width, heads, side, batch, dtype, runs):
-  """Median seconds of transformers' generate() for a batch of whole images (or None)."""
+def reference(layers, width, heads, side, batch, dtype):
+  """A call that samples one batch of whole images with transformers' generate()."""
   import torch  # noqa: PLC0415
   from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa: PLC0415
 
@@ -89,7 +82,7 @@ def reference(layers, width, heads, side, batch, dtype, runs):
     if device == "cuda":
       torch.cuda.synchronize()
 
-  return time_runs(run, runs)[1]
+  return run
 
 
 def main():
@@ -105,16 +98,25 @@ def main():
   except ImportError:
     args.skip_torch = True
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), dtype {args.dtype}, "
-        f"median of {args.runs} runs after a warm-up; a step = one token per image")
+        f"median of {args.runs} runs per side after a warm-up, the sides alternating; a step = one "
+        "token per image")
   print(f"{'size':<14} {'batch':>5} {'tokens':>6} {'compile_s':>9} {'ours_tok/s':>10} "
         f"{'ours_ms/step':>12} {'ref_tok/s':>9} {'ref_ms/step':>11} {'speedup':>7}")
   for name, layers, width, heads, side, batch in parse_sizes(args.sizes):
     seq_len = side * side
-    compile_s, ours_s = ours(layers, width, heads, side, batch, args.dtype, args.runs)
-    line = (f"{name:<14} {batch:>5} {seq_len:>6} {compile_s:>9.1f} {batch * seq_len / ours_s:>10.1f} "
-            f"{1e3 * ours_s / seq_len:>12.3f}")
+    sides = {"ours": ours(layers, width, heads, side, batch, args.dtype)}
     if not args.skip_torch:
-      ref_s = reference(layers, width, heads, side, batch, args.dtype, args.runs)
+      sides["ref"] = reference(layers, width, heads, side, batch, args.dtype)
+    first = {k: timed(run) for k, run in sides.items()}  # warm-up (ours: with compile)
+    times = {k: [] for k in sides}
+    for _ in range(args.runs):  # alternating, so a drift in the machine's speed hits both
+      for k, run in sides.items():
+        times[k].append(timed(run))
+    ours_s = statistics.median(times["ours"])
+    line = (f"{name:<14} {batch:>5} {seq_len:>6} {first['ours'] - ours_s:>9.1f} "
+            f"{batch * seq_len / ours_s:>10.1f} {1e3 * ours_s / seq_len:>12.3f}")
+    if "ref" in sides:
+      ref_s = statistics.median(times["ref"])
       line += (f" {batch * seq_len / ref_s:>9.1f} {1e3 * ref_s / seq_len:>11.3f} "
                f"{ref_s / ours_s:>6.1f}x")
     print(line, flush=True)
