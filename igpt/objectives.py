@@ -42,6 +42,20 @@ class Objective:
   init_head: InitHead | None = None
   head_axes: HeadAxes | None = None
 
+  def init_params(self, model_cfg: ModelConfig, config, rng) -> dict:
+    """The model's params plus any this objective adds (a fine-tuning head)."""
+    params = model.init_params(model_cfg, rng)
+    if self.init_head:
+      params = {**params, **self.init_head(model_cfg, config, rng)}
+    return params
+
+  def param_axes(self, model_cfg: ModelConfig, config) -> dict:
+    """Logical axis names of `init_params`' tree."""
+    axes = model.logical_axes(model_cfg)
+    if self.head_axes:
+      axes = {**axes, **self.head_axes(model_cfg, config)}
+    return axes
+
 
 def _unchanged(batch, rng, config):
   del rng, config

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from igpt import fileio, model, objectives, palette, sharding, workdir as workdirs
+from igpt import fileio, objectives, palette, sharding, workdir as workdirs
 from igpt.checkpoint import Checkpointer, TreeMismatchError
 from igpt.model import ModelConfig
 
@@ -138,36 +138,26 @@ class Run:
   head: dict = dataclasses.field(default_factory=dict)  # a fine-tuned run's classifier head
 
 
-def _head_names(config) -> list[str]:
+def _head_names(config, model_cfg: ModelConfig) -> list[str]:
   """Top-level names of the params a run's objective adds to the model's (a fine-tuning head)."""
   objective = objectives.get(config.objective)
   if not objective.init_head:
     return []
-  cfg = model_config(config)
-  return sorted(jax.eval_shape(lambda: objective.init_head(cfg, config, jax.random.key(0))))
+  return sorted(jax.eval_shape(lambda: objective.init_head(model_cfg, config, jax.random.key(0))))
 
 
 def abstract_params(model_cfg: ModelConfig, mesh=None, rules=(), config=None):
   """Shapes of `model_cfg`'s params with shardings: replicated on one device, or laid out on
   `mesh` by the logical-axis `rules`. With a run `config` whose objective adds params (a
   fine-tuning head), those are included."""
-  objective = objectives.get(config.objective) if config is not None else None
-
-  def init():
-    params = model.init_params(model_cfg, jax.random.key(0))
-    if objective and objective.init_head:
-      params = {**params, **objective.init_head(model_cfg, config, jax.random.key(0))}
-    return params
-
-  shapes = jax.eval_shape(init)
+  objective = objectives.get(config.objective if config is not None else "ar")  # ar: no head
+  shapes = jax.eval_shape(lambda: objective.init_params(model_cfg, config, jax.random.key(0)))
   if mesh is None:
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: one, shapes)
   else:
-    axes = model.logical_axes(model_cfg)
-    if objective and objective.head_axes:
-      axes = {**axes, **objective.head_axes(model_cfg, config)}
-    shardings = sharding.logical_to_shardings(axes, shapes, mesh, rules)
+    shardings = sharding.logical_to_shardings(objective.param_axes(model_cfg, config), shapes,
+                                              mesh, rules)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, shardings)
 
@@ -222,7 +212,7 @@ def load_run(workdir: str, step: int | None = None, mesh=None) -> Run:
                         candidate, ckpt.directory, reason, candidates[i + 1])
     step = candidate
   params = dict(restored["params"])
-  head = {name: params.pop(name) for name in _head_names(config)}
+  head = {name: params.pop(name) for name in _head_names(config, model_cfg)}
   return Run(workdir=workdir, config=config, model_cfg=model_cfg,
              palette=np.asarray(centers, np.float32), params=params, step=step, head=head)
 

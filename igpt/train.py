@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from PIL import Image
 
-from igpt import (distributed, fileio, finetune, guards, losses, metrics, model, objectives, optim,
+from igpt import (distributed, fileio, finetune, guards, losses, metrics, objectives, optim,
                   palette, pipeline, readers, run, sharding, summaries, train_samples,
                   workdir as workdirs)
 from igpt.model import ModelConfig
@@ -136,24 +136,8 @@ class Trainer:
 # Train state: {'params', 'opt', 'step'}, born sharded.
 # ----------------------------------------------------------------------------------------
 
-def init_params(trainer: Trainer, rng) -> dict:
-  """The model's params plus any the objective adds (a fine-tuning head)."""
-  params = model.init_params(trainer.model_cfg, rng)
-  if trainer.objective.init_head:
-    params = {**params, **trainer.objective.init_head(trainer.model_cfg, trainer.config, rng)}
-  return params
-
-
-def param_axes(trainer: Trainer):
-  """Logical axis names of `init_params`' tree."""
-  axes = model.logical_axes(trainer.model_cfg)
-  if trainer.objective.head_axes:
-    axes = {**axes, **trainer.objective.head_axes(trainer.model_cfg, trainer.config)}
-  return axes
-
-
 def _init_state(trainer: Trainer, rng) -> dict:
-  params = init_params(trainer, rng)
+  params = trainer.objective.init_params(trainer.model_cfg, trainer.config, rng)
   return {"params": params, "opt": trainer.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
@@ -166,7 +150,8 @@ def abstract_train_state(trainer: Trainer) -> tuple[Any, Any]:
   mesh, tx = trainer.mesh, trainer.tx
   shapes = jax.eval_shape(lambda: _init_state(trainer, jax.random.key(0)))
   param_shardings = sharding.logical_to_shardings(
-      param_axes(trainer), shapes["params"], mesh, trainer.rules)
+      trainer.objective.param_axes(trainer.model_cfg, trainer.config), shapes["params"],
+      mesh, trainer.rules)
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, shapes["opt"], param_shardings,
       transform_non_params=lambda _: sharding.replicated(mesh),
