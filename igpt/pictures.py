@@ -6,6 +6,7 @@ import numpy as np
 
 GAP_PX = 2  # between grid cells, in output pixels
 TARGET_CELL_PX = 128  # a default upscale: about this many output pixels per image side
+PROMPT_GREY = 128  # the unknown part of a completion's prompt
 
 
 def grid(rows_of_images, upscale: int) -> np.ndarray:
@@ -22,3 +23,14 @@ def grid(rows_of_images, upscale: int) -> np.ndarray:
       top, left = GAP_PX + i * (cell + GAP_PX), GAP_PX + j * (cell + GAP_PX)
       out[top:top + cell, left:left + cell] = big
   return out
+
+
+def completion_rows(originals, completions, prompt_rows: int) -> list:
+  """Grid rows for image completion: per image its original, its prompt (the rows from
+  `prompt_rows` down grey), then its completions (`completions[i]`: a sequence of images)."""
+  rows = []
+  for original, done in zip(originals, completions):
+    prompt = original.copy()
+    prompt[prompt_rows:] = PROMPT_GREY
+    rows.append([original, prompt, *done])
+  return rows

@@ -20,11 +20,10 @@ import numpy as np
 from absl import logging
 
 from igpt import convert, palette, readers, run, sampling
-from igpt.pictures import TARGET_CELL_PX, grid
+from igpt.pictures import TARGET_CELL_PX, completion_rows, grid
 from igpt.model import ModelConfig
 
 MODES = ("completion", "unconditional")
-GREY = 128  # the unknown part of a prompt in the grid
 
 
 @dataclasses.dataclass
@@ -166,8 +165,6 @@ def sample_all(m: Model, prompts_BxN: np.ndarray, settings: sampling.Settings, s
   return np.concatenate(out)
 
 
-
-
 def upscale_factor(config, side: int) -> int:
   return int(config.upscale_factor) or max(1, TARGET_CELL_PX // side)
 
@@ -205,9 +202,7 @@ def main(config, workdir: str | None, step: int | None, hf_dir: str | None,
                         segment_len).reshape(len(images), per_image, seq_len)
     decoded = palette.decode(tokens, m.centers, side)
     quantised = palette.decode(originals, m.centers, side)
-    cropped = quantised.copy()
-    cropped[:, rows:] = GREY
-    picture = grid([[quantised[i], cropped[i], *decoded[i]] for i in range(len(images))], upscale)
+    picture = grid(completion_rows(quantised, decoded, rows), upscale)
   else:
     num = int(config.num_samples)
     logging.info("drawing %d unconditional samples", num)

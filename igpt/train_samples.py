@@ -13,10 +13,9 @@ import numpy as np
 
 from igpt import palette, pipeline, sampling
 from igpt.model import ModelConfig
-from igpt.pictures import TARGET_CELL_PX, grid
+from igpt.pictures import TARGET_CELL_PX, completion_rows, grid
 
 COMPLETIONS_PER_IMAGE = 2
-PROMPT_GREY = 128
 
 
 class TrainingSamples:
@@ -43,12 +42,8 @@ class TrainingSamples:
                            batch_size=self.num_images)
     completed = sampling.sample(self.cfg, params, self.prompts_BxN,
                                 jax.random.fold_in(self.rng, 1))
-    rows = [list(self._images(free))]
     originals = self._images(self.originals_BxL)
     completions = self._images(completed).reshape(len(originals), COMPLETIONS_PER_IMAGE,
                                                   self.side, self.side, 3)
-    for original, done in zip(originals, completions):
-      prompt = original.copy()
-      prompt[self.side // 2:] = PROMPT_GREY
-      rows.append([original, prompt, *done])
+    rows = [list(self._images(free))] + completion_rows(originals, completions, self.side // 2)
     return grid(rows, max(1, TARGET_CELL_PX // self.side // 2))
