@@ -81,8 +81,7 @@ def _head(source, n: int):
   """The first `n` examples of `source` (all of it when n <= 0 or n >= len)."""
   if n <= 0 or n >= len(source):
     return source
-  subset = readers.TokenSubset if hasattr(source, "get_tokens") else readers.SubsetSource
-  return subset(source, np.arange(n), f"{source.description} (first {n})")
+  return readers.subset(source, np.arange(n), f"{source.description} (first {n})")
 
 
 def labelled_sources(data_cfg, image_side: int) -> dict:

@@ -720,9 +720,14 @@ def _carve(train: ImageSource, val_examples: int, description: str):
         f"out of {description} ({n} images); lower it or set data.val_split.")
   order = np.random.default_rng(VAL_SEED).permutation(n)
   val_idx, train_idx = np.sort(order[:val_examples]), np.sort(order[val_examples:])
-  subset = TokenSubset if hasattr(train, "get_tokens") else SubsetSource
   return (subset(train, train_idx, f"{description} minus {val_examples} val images"),
           subset(train, val_idx, f"{description} val carve ({val_examples} images)"))
+
+
+def subset(source, indices, description: str):
+  """The examples of `source` at `indices`, as a source of the same kind (images or tokens)."""
+  kind = TokenSubset if hasattr(source, "get_tokens") else SubsetSource
+  return kind(source, indices, description)
 
 
 def make_source(data_cfg, split: str, image_side: int) -> ImageSource:
