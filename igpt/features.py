@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from igpt import fileio, model, pipeline, sharding
+from igpt import fileio, model, pipeline, run, sharding
 from igpt.model import ModelConfig
 
 POOLINGS = ("norm", "raw")
@@ -81,9 +81,7 @@ def make_feature_fn(model_cfg: ModelConfig, layers: tuple[int, ...], pooling: st
   Cached, so the splits of a dataset and a same-shape control model share one compile.
   """
   names = [f"h_{l}" for l in layers]
-  param_shardings = sharding.logical_to_shardings(
-      model.logical_axes(model_cfg), jax.eval_shape(
-          lambda: model.init_params(model_cfg, jax.random.key(0))), mesh, rules)
+  param_shardings = jax.tree.map(lambda s: s.sharding, run.abstract_params(model_cfg, mesh, rules))
 
   def fn(params, tokens_BxL):
     # Linen's logical constraints need the mesh and the rules while tracing.
