@@ -20,15 +20,7 @@ import numpy as np
 
 from igpt.config import parse_sizes
 
-
-def timed(fn, warmup: int, steps: int) -> list[float]:
-  times = []
-  for i in range(warmup + steps):
-    t0 = time.perf_counter()
-    fn()
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
-  return times
+from bench_torch_reference import time_steps  # the script's folder is on sys.path
 
 
 def ours(layers, width, heads, batch, seq_len, tokens_BxL, warmup, steps):
@@ -47,7 +39,7 @@ def ours(layers, width, heads, batch, seq_len, tokens_BxL, warmup, steps):
   t0 = time.perf_counter()
   fn(params, tokens).block_until_ready()
   compile_s = time.perf_counter() - t0
-  return compile_s, timed(lambda: fn(params, tokens).block_until_ready(), warmup, steps)
+  return compile_s, time_steps(lambda: fn(params, tokens).block_until_ready(), warmup, steps)
 
 
 def reference(layers, width, heads, batch, seq_len, tokens_BxL, warmup, steps):
@@ -66,7 +58,7 @@ def reference(layers, width, heads, batch, seq_len, tokens_BxL, warmup, steps):
       hidden = net(input_ids=input_ids, output_hidden_states=True).hidden_states[1:]
       return [(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).mean(1) for h in hidden]
 
-  return timed(step, warmup, steps)
+  return time_steps(step, warmup, steps)
 
 
 def main():
