@@ -18,6 +18,7 @@ import threading
 
 from absl import flags, logging
 
+from igpt import workdir as workdirs
 from igpt.guards import DivergedError, NonFiniteLossError
 
 if "debug" not in flags.FLAGS:  # an entry point's module may define it first
@@ -66,18 +67,27 @@ def error_line(e: BaseException) -> str:
 
 def fail(message: str, hint: str = "", hard_exit: bool = False) -> None:
   """Prints `error: message` (and `hint`) on stderr and exits with status 2."""
-  sys.stderr.write(f"error: {message}\n" + (f"{hint}\n" if hint else ""))
-  _exit(EXIT_USER_ERROR, hard_exit)
+  _last_words(f"error: {message}\n" + (f"{hint}\n" if hint else ""), EXIT_USER_ERROR, hard_exit)
 
 
-def _exit(status: int, hard: bool) -> None:
-  if hard:
-    # No interpreter teardown: after a failed background write, Orbax's threads would go on
-    # logging and printing tracebacks under the one line that matters.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-  sys.exit(status)
+def _last_words(text: str, status: int, hard: bool) -> None:
+  """Writes `text` on stderr and exits with `status`.
+
+  `hard`: no interpreter teardown, and the console is closed to every other thread first:
+  after a failed background write, Orbax's threads go on logging and printing tracebacks, and
+  could otherwise print them under the one line that matters.
+  """
+  if not hard:
+    sys.stderr.write(text)
+    sys.exit(status)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  console = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 1)
+  os.dup2(devnull, 2)
+  os.write(console, text.encode())
+  os._exit(status)
 
 
 def _flag_value(argv, name: str) -> str:
@@ -128,12 +138,14 @@ def run_main(main, interrupted_hint="", debug_hint: bool = True,
     # A failed background write (Orbax's save threads) is re-raised in the main thread, which
     # reports it in one line; the thread's own traceback would only bury that line.
     threading.excepthook = _one_line_thread_error
+    # A failed save leaves TensorStore callbacks that each print a traceback before (and
+    # while) the main thread reports the error.
+    workdirs.quiet_orbax_teardown()
   try:
     main()
   except KeyboardInterrupt:
     hint = interrupted_hint() if callable(interrupted_hint) else interrupted_hint
-    sys.stderr.write(f"\ninterrupted{': ' + hint if hint else ''}\n")
-    _exit(EXIT_INTERRUPTED, hard_exit)
+    _last_words(f"\ninterrupted{': ' + hint if hint else ''}\n", EXIT_INTERRUPTED, hard_exit)
   except USER_ERRORS as e:
     if debug:
       raise

@@ -14,6 +14,7 @@ import fcntl
 import os
 import socket
 import sys
+import threading
 import time
 
 from igpt.checkpoint import TreeMismatchError
@@ -203,20 +204,23 @@ def one_line(e: BaseException) -> str:
 
 
 def _is_orbax_teardown_noise(exc) -> bool:
-  # A failed Orbax read leaves TensorStore reads in flight; when they finish, their callbacks
-  # find the event loop closed or their coroutine abandoned and print a traceback each.
+  # A failed Orbax read or save leaves TensorStore operations in flight; when they finish,
+  # their callbacks find the event loop closed or their coroutine abandoned and print a
+  # traceback each.
   return (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)) or (
       "Encountered error while reading array index" in str(exc))
 
 
 def quiet_orbax_teardown() -> None:
-  """Keeps the tracebacks of a failed read's stray callbacks off the console (once per process)."""
+  """Keeps the tracebacks of a failed read's or save's stray callbacks off the console."""
   if getattr(sys.excepthook, "_igpt_quiet", False):
     return
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
 
   def quiet_excepthook(kind, exc, tb):
-    if not _is_orbax_teardown_noise(exc):
+    # The callbacks run on TensorStore's threads; the main thread's own errors always print.
+    stray = threading.current_thread() is not threading.main_thread()
+    if not (stray and _is_orbax_teardown_noise(exc)):
       excepthook(kind, exc, tb)
 
   def quiet_unraisablehook(unraisable):
