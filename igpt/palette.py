@@ -330,6 +330,14 @@ def fit_palette(pixels, k: int = 512, seed: int = 0, num_iters: int = 50,
 # Files
 
 
+def check_fits(centers, vocab_size: int, where: str) -> None:
+  """A ValueError naming `where` when the palette has more colours than the model has tokens
+  (those colours could never be predicted; their pixels would be encoded out of range)."""
+  if len(centers) > vocab_size:
+    raise ValueError(f"{where} has {len(centers)} colours but the model has {vocab_size} "
+                     "tokens (model.vocab_size); raise vocab_size or use a smaller palette.")
+
+
 def save_palette(path, centers) -> None:
   """Writes centres (k, 3) in [-1, 1] as a float32 `.npy` file, atomically (temp + rename)."""
   centers = check_palette(centers)

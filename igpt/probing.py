@@ -57,9 +57,8 @@ def load_model(*, workdir: str = "", hf_checkpoint: str = "", palette_path: str 
                       f"run {workdir} at step {r.step}")
   model_cfg, params = convert.load_hf_checkpoint(hf_checkpoint)
   centers = palette_lib.load_palette(palette_path) if palette_path else None
-  if centers is not None and len(centers) > model_cfg.vocab_size:
-    raise ValueError(f"the palette {palette_path!r} has {len(centers)} colours but the model "
-                     f"has {model_cfg.vocab_size} tokens.")
+  if centers is not None:
+    palette_lib.check_fits(centers, model_cfg.vocab_size, f"the palette {palette_path!r}")
   return ProbeModel("pretrained", model_cfg, params, centers,
                     f"hf:{os.path.abspath(hf_checkpoint)}", description=f"{hf_checkpoint}")
 
@@ -101,7 +100,7 @@ def labelled_sources(data_cfg, image_side: int) -> dict:
 
 
 def _data_key(data_cfg, split: str, image_side: int) -> dict:
-  key = {k: v for k, v in data_cfg.to_dict().items()}
+  key = data_cfg.to_dict()
   if key.get("path"):
     key["path"] = os.path.abspath(key["path"])
   return {**key, "split": split, "image_side": image_side}

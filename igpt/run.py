@@ -66,7 +66,7 @@ def write_config(workdir: str, config_json: dict) -> None:
         return  # a rerun of a finished run, possibly from a read-only folder, writes nothing
   except (OSError, ValueError):
     pass
-  with fileio.atomic_open(path(workdir, CONFIG_FILE)) as f:
+  with fileio.atomic_open(config_path) as f:
     json.dump(config_json, f, indent=2, sort_keys=True)
 
 
@@ -177,9 +177,7 @@ def load_run(workdir: str, step: int | None = None, mesh=None) -> Run:
     raise FileNotFoundError(f"{palette_path} does not exist: the run in {workdir!r} has no "
                             "palette (was it started and killed before its first checkpoint?).")
   centers = palette.load_palette(palette_path)
-  if len(centers) > model_cfg.vocab_size:
-    raise ValueError(f"{palette_path} has {len(centers)} colours but the model has "
-                     f"model.vocab_size={model_cfg.vocab_size} tokens.")
+  palette.check_fits(centers, model_cfg.vocab_size, palette_path)
   rules = sharding.rules_from_config(config) if mesh is not None else ()
   abstract = {"params": abstract_params(model_cfg, mesh, rules, config)}
   with checkpointer(workdir) as ckpt:
@@ -224,9 +222,7 @@ def save_run(workdir: str, config, centers: np.ndarray, params: dict, step: int 
   """
   model_cfg = model_config(config)
   centers = palette.check_palette(centers, "the palette")
-  if len(centers) > model_cfg.vocab_size:
-    raise ValueError(f"the palette has {len(centers)} colours but model.vocab_size="
-                     f"{model_cfg.vocab_size}.")
+  palette.check_fits(centers, model_cfg.vocab_size, "the palette")
   expected = jax.tree.map(lambda s: s.shape, abstract_params(model_cfg))
   got = jax.tree.map(np.shape, params)
   if expected != got:

@@ -300,6 +300,7 @@ def prepare_palette(config, train_source, workdir: str) -> np.ndarray:
   os.makedirs(workdir, exist_ok=True)
   path = run.path(workdir, run.PALETTE_FILE)
   given = config.data.palette_path
+  vocab_size = run.model_config(config).vocab_size
   if os.path.exists(path):
     centers = palette.load_palette(path)
     if given and not np.array_equal(palette.load_palette(given), centers):
@@ -309,7 +310,7 @@ def prepare_palette(config, train_source, workdir: str) -> np.ndarray:
     metrics.log("Palette: reusing %s (%d colours).", path, len(centers))
   elif given:
     centers = palette.load_palette(given)
-    _check_palette_fits(centers, config, given)  # before it is copied into the workdir
+    palette.check_fits(centers, vocab_size, f"the palette {given}")  # before the copy
     palette.save_palette(path, centers)  # atomic: a kill never leaves half a file
     metrics.log("Palette: %s (%d colours), copied to %s.", given, len(centers), path)
   else:
@@ -319,16 +320,8 @@ def prepare_palette(config, train_source, workdir: str) -> np.ndarray:
     palette.save_palette(path, centers)
     metrics.log("Palette: fitted %d colours on %d pixels in %.1fs, saved to %s.",
                 len(centers), config.data.palette_fit_pixels, time.time() - t0, path)
-  _check_palette_fits(centers, config, path)
+  palette.check_fits(centers, vocab_size, f"the palette {path}")
   return np.asarray(centers, np.float32)
-
-
-def _check_palette_fits(centers, config, where: str) -> None:
-  vocab_size = run.model_config(config).vocab_size
-  if len(centers) > vocab_size:
-    raise ValueError(f"the palette {where} has {len(centers)} colours but the model has "
-                     f"{vocab_size} tokens (model.vocab_size); raise vocab_size or shrink the "
-                     "palette.")
 
 
 # ----------------------------------------------------------------------------------------
