@@ -37,6 +37,9 @@ SAFE_FIELDS = (
 
 # OS errors that mean "this folder cannot be written", not a bug.
 WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO)
+# The same, as TensorStore (Orbax's writer) reports them: in the message text only.
+WRITE_REASONS = ("No space left on device", "Read-only file system", "Permission denied",
+                 "Disk quota exceeded")
 
 
 class WorkdirError(ValueError):
@@ -109,13 +112,15 @@ def write_error(e: BaseException, path: str) -> WorkdirError:
   if os_error is not None:
     where = os_error.filename or path
     return WorkdirError(f"cannot write {where}: {os_error.strerror}.")
-  # TensorStore (Orbax's writer) reports OS errors as text only.
   text = str(e)
-  for reason in ("No space left on device", "Read-only file system", "Permission denied",
-                 "Disk quota exceeded", "Operation not permitted"):
-    if reason in text:
-      return WorkdirError(f"cannot write {path}: {reason}.")
+  reason = _write_reason(text)
+  if reason:
+    return WorkdirError(f"cannot write {path}: {reason}.")
   return WorkdirError(f"cannot write {path}: {type(e).__name__}: {text.splitlines()[0][:300]}")
+
+
+def _write_reason(text: str) -> str | None:
+  return next((r for r in WRITE_REASONS if r in text), None)
 
 
 def is_write_failure(e: BaseException, workdir: str | None = None) -> bool:
@@ -127,9 +132,7 @@ def is_write_failure(e: BaseException, workdir: str | None = None) -> bool:
       return True
     inside = os.path.abspath(os.fspath(os_error.filename))
     return inside.startswith(os.path.abspath(workdir) + os.sep)
-  text = str(e)
-  return any(r in text for r in ("No space left on device", "Read-only file system",
-                                 "Permission denied", "Disk quota exceeded"))
+  return _write_reason(str(e)) is not None
 
 
 # ------------------------------------------------------------------------------ config identity
