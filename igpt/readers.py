@@ -182,23 +182,8 @@ class ArraySource(ImageSource):
     return self.images[indices], labels
 
 
-class SubsetSource(ImageSource):
-  """The examples of `base` at `indices` (used to carve validation out of training)."""
-
-  def __init__(self, base: ImageSource, indices: np.ndarray, description: str):
-    self.base, self.indices = base, np.asarray(indices, np.int64)
-    self.image_side, self.num_classes = base.image_side, base.num_classes
-    self.description = description
-
-  def __len__(self) -> int:
-    return len(self.indices)
-
-  def _read(self, indices):
-    return self.base._read(self.indices[indices])  # pylint: disable=protected-access
-
-
-class TokenSubset:
-  """The examples of a token source (one with `get_tokens`) at `indices`."""
+class _Subset:
+  """The examples of `base` at `indices`; subclasses read them the way `base` is read."""
 
   def __init__(self, base, indices: np.ndarray, description: str):
     self.base, self.indices = base, np.asarray(indices, np.int64)
@@ -207,6 +192,17 @@ class TokenSubset:
 
   def __len__(self) -> int:
     return len(self.indices)
+
+
+class SubsetSource(_Subset, ImageSource):
+  """The examples of an image source at `indices` (used to carve validation out of training)."""
+
+  def _read(self, indices):
+    return self.base._read(self.indices[indices])  # pylint: disable=protected-access
+
+
+class TokenSubset(_Subset):
+  """The examples of a token source (one with `get_tokens`) at `indices`."""
 
   def get_tokens(self, indices):
     return self.base.get_tokens(self.indices[np.asarray(indices, np.int64).reshape(-1)])
