@@ -81,7 +81,6 @@ def make_feature_fn(model_cfg: ModelConfig, layers: tuple[int, ...], pooling: st
   Cached, so the splits of a dataset and a same-shape control model share one compile.
   """
   names = [f"h_{l}" for l in layers]
-  param_shardings = jax.tree.map(lambda s: s.sharding, run.abstract_params(model_cfg, mesh, rules))
 
   def fn(params, tokens_BxL):
     # Linen's logical constraints need the mesh and the rules while tracing.
@@ -90,12 +89,17 @@ def make_feature_fn(model_cfg: ModelConfig, layers: tuple[int, ...], pooling: st
       return jnp.stack([pool(hidden[n], pooling) for n in names], axis=1)
 
   batch = sharding.batch_sharding(mesh)
-  return jax.jit(fn, in_shardings=(param_shardings, batch), out_shardings=batch)
+  return jax.jit(fn, in_shardings=(_param_shardings(model_cfg, mesh, rules), batch),
+                 out_shardings=batch)
+
+
+def _param_shardings(model_cfg: ModelConfig, mesh, rules):
+  return jax.tree.map(lambda s: s.sharding, run.abstract_params(model_cfg, mesh, rules))
 
 
 def place_params(model_cfg: ModelConfig, params, mesh, rules):
   """`params` laid out on `mesh` by the logical-axis `rules`: (params, their shardings)."""
-  shardings = sharding.logical_to_shardings(model.logical_axes(model_cfg), params, mesh, rules)
+  shardings = _param_shardings(model_cfg, mesh, rules)
   return jax.device_put(params, shardings), shardings
 
 
