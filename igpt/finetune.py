@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from igpt import fileio, metrics, objectives, pipeline, readers, run, sharding
+from igpt import fileio, metrics, objectives, palette, pipeline, readers, run, sharding
 from igpt.classifier import HEAD, class_logits
 from igpt.checkpoint import Checkpointer
 
@@ -105,20 +105,21 @@ class BestKeeper:
 
   def __init__(self, workdir: str):
     self.directory = run.path(workdir, BEST_DIR)
-    self.best = self._read().get("eval_accuracy", -1.0)  # survives a resume
-
-  def _read(self) -> dict:
+    record = {}  # survives a resume
     path = os.path.join(self.directory, BEST_FILE)
-    if not os.path.isfile(path):
-      return {}
-    with open(path) as f:
-      return json.load(f)
+    if os.path.isfile(path):
+      with open(path) as f:
+        record = json.load(f)
+    self.best, self.step = record.get("eval_accuracy", -1.0), record.get("step")
+
+  def _checkpointer(self) -> Checkpointer:
+    return Checkpointer(os.path.join(self.directory, "checkpoints"), keep=1)
 
   def update(self, step: int, accuracy: float, params) -> bool:
     if accuracy <= self.best:
       return False
-    self.best = accuracy
-    with Checkpointer(os.path.join(self.directory, "checkpoints"), keep=1) as ckpt:
+    self.best, self.step = accuracy, step
+    with self._checkpointer() as ckpt:
       ckpt.save(step, {"params": params}, {"eval_accuracy": accuracy}, force=True)
     if jax.process_index() == 0:
       with fileio.atomic_open(os.path.join(self.directory, BEST_FILE)) as f:
@@ -127,7 +128,7 @@ class BestKeeper:
 
   def restore(self, abstract_params):
     """The best params saved so far, laid out as `abstract_params`."""
-    with Checkpointer(os.path.join(self.directory, "checkpoints"), keep=1) as ckpt:
+    with self._checkpointer() as ckpt:
       state, _ = ckpt.restore(ckpt.latest_step(), {"params": abstract_params})
     return state["params"]
 
@@ -153,7 +154,6 @@ def augmented_batch_at(source, centers, step: int, batch_size: int, seed: int,
                        process_index: int = 0, process_count: int = 1) -> dict:
   """`pipeline.batch_at`'s batch with `augment` applied before tokenising; the crops and
   flips are a pure function of (seed, step, process), so a resumed run repeats them."""
-  from igpt import palette  # pylint: disable=g-import-not-at-top
   batch = pipeline.image_batch_at(source, step, batch_size, seed, process_index, process_count)
   rng = np.random.default_rng((seed, step, process_index))
   images = augment(batch["image"], rng)
@@ -166,7 +166,6 @@ def test_accuracy(config, trainer, state_shardings, abstract_params, centers,
   source = readers.make_source(config.data, "test", config.model.image_side)
   params = best.restore(abstract_params)
   accuracy = Accuracy(trainer, state_shardings, source, centers, config.train.batch_size)(params)
-  step = best._read().get("step")  # pylint: disable=protected-access
   metrics.log("test accuracy %.4f (%d images) with the params of step %s (best eval accuracy "
-              "%.4f)", accuracy, len(source), step, best.best)
-  return {"test_accuracy": accuracy, "best_eval_accuracy": best.best, "best_step": step}
+              "%.4f)", accuracy, len(source), best.step, best.best)
+  return {"test_accuracy": accuracy, "best_eval_accuracy": best.best, "best_step": best.step}
