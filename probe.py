@@ -13,13 +13,12 @@ feature cache (`features/`) to --outdir (default: <workdir>/probe). Settings: co
 import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from igpt import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "probe.py"),
-    "Probe config file (configs/probe.py).", lock_config=True)
+_CONFIG = cli.define_config_file(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "probe.py"),
+    "Probe config file (configs/probe.py).")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Run folder of the model to probe.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: newest).")
 _HF = flags.DEFINE_string("hf_checkpoint", "",
@@ -47,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

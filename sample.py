@@ -14,13 +14,12 @@ data come from the run folder. Writes <out>/<name>.png and the sampled tokens <n
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from igpt import cli, sample_cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sample.py"),
-    "Sampling settings (configs/sample.py).", lock_config=True)
+_CONFIG = cli.define_config_file(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sample.py"),
+    "Sampling settings (configs/sample.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder to sample from.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _HF = flags.DEFINE_string("hf", None, "A transformers ImageGPT checkpoint folder instead.")
@@ -36,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

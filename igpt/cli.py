@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging as pylogging
 import os
+import re
 import sys
 import threading
 
 from absl import flags, logging
+from ml_collections import config_flags
 
-from igpt import workdir as workdirs
 from igpt.guards import DivergedError, NonFiniteLossError
 
 if "debug" not in flags.FLAGS:  # an entry point's module may define it first
@@ -99,23 +100,52 @@ def _flag_value(argv, name: str) -> str:
   return "?"
 
 
+# What a bad flag, config file or --config.x override raises while flags are parsed.
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, SyntaxError,
+                ImportError, OSError)
+
+
 def parse_flags(argv):
   """absl's flag parser, with flag and config-file mistakes reported as one `error:` line."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
+  except _FLAG_ERRORS as e:
+    _fail_flags(e, argv)
+
+
+def define_config_file(default_path: str, help_text: str):
+  """`--config`, a config file defaulting to `default_path`, for an entry point.
+
+  With a default, ml_collections applies the `--config.x` overrides while the flag is defined
+  (at import, before `parse_flags`), so their mistakes are reported here, the same way.
+  """
+  try:
+    return config_flags.DEFINE_config_file("config", default_path, help_text, lock_config=True)
+  except _FLAG_ERRORS as e:
+    if os.environ.get("IGPT_DEBUG", "") not in ("", "0"):  # --debug is not parsed yet
+      raise
+    _fail_flags(e, sys.argv)
+
+
+def _fail_flags(e: BaseException, argv) -> None:
+  if isinstance(e, flags.Error):
     fail(error_line(e))
-  except AttributeError as e:
+  if isinstance(e, AttributeError):
     if "get_config" in str(e):
       fail(f"the config file {_flag_value(argv, 'config')} has no get_config() function; a "
            "config file defines get_config() returning an ml_collections.ConfigDict (see "
            "configs/tiny.py).")
-    field = str(e).strip("'\"")
+    # ml_collections' text is the field name, quoted a few times over, and sometimes a
+    # 'Did you mean "x"' line.
+    text = str(e)
+    name = re.search(r"\w+", text)
+    field = name.group(0) if name else text
+    suggestion = re.search(r'Did you mean "(\w+)"', text)
     overrides = [a.split("=")[0] for a in argv if a.startswith("--config.") and field in a]
-    fail(f"unknown config field {field!r} in {', '.join(overrides) or 'a --config. flag'}; "
-         "see the config file for the fields there are.")
-  except (KeyError, TypeError, ValueError, SyntaxError, ImportError, OSError) as e:
-    fail(f"cannot read the config: {type(e).__name__}: {error_line(e)}")
+    fail(f"unknown config field {field!r} in {', '.join(overrides) or 'a --config. flag'}"
+         + (f" (did you mean {suggestion.group(1)!r}?)" if suggestion else "")
+         + "; see the config file for the fields there are.")
+  fail(f"cannot read the config: {type(e).__name__}: {error_line(e)}")
 
 
 def _one_line_thread_error(args) -> None:
@@ -139,8 +169,10 @@ def run_main(main, interrupted_hint="", debug_hint: bool = True,
     # reports it in one line; the thread's own traceback would only bury that line.
     threading.excepthook = _one_line_thread_error
     # A failed save leaves TensorStore callbacks that each print a traceback before (and
-    # while) the main thread reports the error.
-    workdirs.quiet_orbax_teardown()
+    # while) the main thread reports the error. (Imported here: it brings in Orbax and JAX,
+    # which a flag mistake should not wait for.)
+    from igpt import workdir  # pylint: disable=g-import-not-at-top
+    workdir.quiet_orbax_teardown()
   try:
     main()
   except KeyboardInterrupt:

@@ -284,7 +284,9 @@ def test_cli_end_to_end_beats_random_init(tiny_run):
 
 
 def test_cli_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path):
-  for flags, message in (((), "not a run folder"), (("--config.layers=5",), "out of range")):
+  for flags, message in (((), "not a run folder"), (("--config.layers=5",), "out of range"),
+                         (("--config.layer=5",), "field 'layer' in --config.layer (did you mean"),
+                         (("--layers=5",), "Unknown command line flag 'layers'")):
     workdir = str(tmp_path) if not flags else tiny_run
     proc = _probe_cli(workdir, "--config.random_init_control=False", *flags)
     assert proc.returncode == 2, proc.stderr[-4000:]

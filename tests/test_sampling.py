@@ -231,6 +231,10 @@ def test_cli_bad_inputs_give_one_line(tiny_run, tmp_path):
       "top_p": (["--workdir", tiny_run, "--config.top_p=1.5"], "top_p=1.5"),
       "hf palette": (["--hf", str(tmp_path / "hf"), "--palette", str(bad_palette)],
                      "has 4 colours but the model has 16 tokens"),
+      # --config has a default file, whose overrides apply when the flag is defined.
+      "unknown field": (["--workdir", tiny_run, "--config.temprature=0.5"],
+                        "field 'temprature' in --config.temprature (did you mean 'temperature'?)"),
+      "unknown flag": (["--workdir", tiny_run, "--stpe=3"], "Unknown command line flag 'stpe'"),
   }
   # An HF folder made from the tiny run, for the palette case.
   r = run.load_run(tiny_run)
