@@ -6,8 +6,7 @@
 Rerunning the same command resumes from the newest checkpoint in --workdir (with the same
 model and data settings; total_steps and the log/eval/checkpoint cadence may change). Mistakes
 end in one `error: ...` line and exit status 2; --debug (or IGPT_DEBUG=1) shows the traceback.
-Multi-host: run the
-same command on every host (TPU pods, SLURM, Open MPI are detected), or set
+Multi-host: run the same command on every host (TPU pods, SLURM, Open MPI are detected), or set
 --config.distributed=True with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
 """
 
@@ -16,7 +15,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from igpt import cli, metrics
+from igpt import cli, metrics, run
 from igpt.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
@@ -38,12 +37,12 @@ def main(argv):
 
 def resume_hint(workdir: str) -> str:
   """Where rerunning the command continues from (read after the run stopped)."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+  # Folder names only: a hint printed on the way out should not open an Orbax manager.
+  ckpt_dir = run.path(workdir, run.CHECKPOINT_DIR)
   steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
   if not steps:
     return f"no checkpoint in {workdir} yet; rerunning the same command starts over"
-  return (f"rerun the same command to resume from checkpoint {max(steps)} in "
-          f"{os.path.join(workdir, 'checkpoints')}")
+  return f"rerun the same command to resume from checkpoint {max(steps)} in {ckpt_dir}"
 
 
 if __name__ == "__main__":

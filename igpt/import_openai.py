@@ -33,8 +33,6 @@ _HF_OUT = flags.DEFINE_string("hf_out", None, "Also write a transformers folder 
                               "(autoregressive models only); must not exist.")
 flags.mark_flags_as_required(["checkpoint", "palette", "out"])
 
-EXIT_USER_ERROR = cli.EXIT_USER_ERROR
-
 
 def _check_new_folder(path: str, flag: str) -> str:
   path = os.path.abspath(path)

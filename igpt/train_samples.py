@@ -25,12 +25,11 @@ class TrainingSamples:
                seed: int):
     self.cfg, self.centers, self.num_images = model_cfg, centers, num_images
     self.side = int(round(model_cfg.seq_len ** 0.5))
-    self.prompt_len = (self.side // 2) * self.side
+    prompt_len = (self.side // 2) * self.side
     count = min(num_images, len(val_source))
-    originals = pipeline.token_batch(val_source, centers, np.arange(count))["tokens"]
-    self.originals_BxL = originals
-    prompts = np.repeat(originals[:, :self.prompt_len], COMPLETIONS_PER_IMAGE, axis=0)
-    self.prompts_BxN = prompts
+    self.originals_BxL = pipeline.token_batch(val_source, centers, np.arange(count))["tokens"]
+    self.prompts_BxN = np.repeat(self.originals_BxL[:, :prompt_len], COMPLETIONS_PER_IMAGE,
+                                 axis=0)
     self.rng = jax.random.key(seed)
 
   def _images(self, tokens_BxL) -> np.ndarray:
