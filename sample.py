@@ -13,25 +13,26 @@ data come from the run folder. Writes <out>/<name>.png and the sampled tokens <n
 
 import os
 
-from absl import app, flags
+from absl import app
 
-from igpt import cli, sample_cli
+from igpt import cli
 
 _CONFIG = cli.define_config_file(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sample.py"),
     "Sampling settings (configs/sample.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder to sample from.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_HF = flags.DEFINE_string("hf", None, "A transformers ImageGPT checkpoint folder instead.")
-_PALETTE = flags.DEFINE_string("palette", None, "With --hf: the palette .npy ([k, 3] in [-1, 1]).")
-_OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/samples).")
+_MODEL = cli.ModelFlags("sample from")
+_OUT = cli.define_out_flag("<workdir>/samples")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli.run_main(lambda: sample_cli.main(_CONFIG.value, _WORKDIR.value, _STEP.value, _HF.value,
-                                       _PALETTE.value, _OUT.value))
+
+  def sample():
+    from igpt.commands import sample as command  # pylint: disable=g-import-not-at-top
+    command.main(_CONFIG.value, _MODEL.source(), _OUT.value)
+
+  cli.run_main(sample)
 
 
 if __name__ == "__main__":

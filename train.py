@@ -10,8 +10,6 @@ Multi-host: run the same command on every host (TPU pods, SLURM, Open MPI are de
 --config.distributed=True with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
 """
 
-import os
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -38,11 +36,11 @@ def main(argv):
 def resume_hint(workdir: str) -> str:
   """Where rerunning the command continues from (read after the run stopped)."""
   # Folder names only: a hint printed on the way out should not open an Orbax manager.
-  ckpt_dir = run.path(workdir, run.CHECKPOINT_DIR)
-  steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+  steps = run.checkpoint_steps(workdir)
   if not steps:
     return f"no checkpoint in {workdir} yet; rerunning the same command starts over"
-  return f"rerun the same command to resume from checkpoint {max(steps)} in {ckpt_dir}"
+  return (f"rerun the same command to resume from checkpoint {max(steps)} in "
+          f"{run.path(workdir, run.CHECKPOINT_DIR)}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from igpt import config as igpt_config
-from igpt import metrics, sharding, train
+from igpt import metrics, sharding, spec, train
 from igpt.model import ModelConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (as train.py).")
@@ -106,9 +106,10 @@ def peak_flops(override_gflops: float) -> tuple[float, str]:
 
 def time_train_step(config, warmup: int, steps: int) -> dict:
   """Builds the trainer's state and step for `config`; returns compile time and step times."""
-  mesh = sharding.make_mesh(config.mesh)
-  model_cfg = train.validate_config(config, jax.device_count())
-  trainer = train.Trainer.build(config, mesh)
+  run_spec = spec.resolve(config)
+  mesh = sharding.make_mesh(run_spec.config.mesh)
+  model_cfg = run_spec.model
+  trainer = train.Trainer.build(run_spec, mesh)
   state, state_shardings = train.create_train_state(trainer, jax.random.key(0))
   step = train.make_train_step(trainer, state_shardings)
   rng = np.random.default_rng(0)

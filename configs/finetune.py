@@ -20,8 +20,8 @@ def get_config(variant: str = "cifar10"):
   c = base_config(num_layers=24, d_model=512, num_heads=8, image_side=32)
   c.objective = "classify"
   c.init_from = ""  # the pretrained run folder ("" = train the classifier from scratch)
-  c.finetune = dict(num_classes=10)
-  c.augment = True  # 4-pixel reflection pad, random crop, horizontal flip (CIFAR)
+  c.finetune.num_classes = 10
+  c.data.augment = True  # 4-pixel reflection pad, random crop, horizontal flip (CIFAR)
   c.optim.lr = 3e-4  # 10x below iGPT-S's pretraining rate
   c.optim.schedule = "constant"
   c.optim.warmup_steps = 100
@@ -33,7 +33,7 @@ def get_config(variant: str = "cifar10"):
     c.data.source = "digits"
     c.data.name = "digits"
     c.data.val_examples = 200
-    c.augment = False  # flipped digits are other digits
+    c.data.augment = False  # flipped digits are other digits
     # The tiny model's own pretraining rate: 200 steps at 10x lower barely move a zero head.
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 10

@@ -9,6 +9,8 @@ config says what to probe it on.
 
 import ml_collections
 
+from igpt import config as config_lib
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -34,20 +36,11 @@ def get_config():
   # class, `draws` draws each (seeds seed .. seed+draws-1); () = skip.
   c.low_data = ml_collections.ConfigDict(dict(examples_per_class=(), draws=5, seed=0))
 
-  # The labelled data (same fields as a run config's `data`; images are read at the model's
-  # side and encoded with the model's palette).
-  c.data = ml_collections.ConfigDict(dict(
-      source="tfds",  # tfds | cifar | idx | folder | digits | openai_npy
-      name="cifar10",
-      path="",
-      data_dir="",
-      train_split="train",
-      val_split="",  # empty = carve val_examples out of the training split
-      val_examples=5000,
-      test_split="test",
-      max_examples_per_split=0,  # 0 = all; else the first N of each split (quick looks)
-  ))
+  # The labelled data (the run config's data fields; images are read at the model's side and
+  # encoded with the model's palette).
+  c.data = config_lib.data_section()
+  c.data.max_examples_per_split = 0  # 0 = all; else the first N of each split (quick looks)
 
   # Devices: the batch is split over data x fsdp; params follow the run's sharding rules.
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.mesh = config_lib.mesh_section()
   return c

@@ -20,6 +20,9 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from igpt import trees
+from igpt.errors import UserError
+
 
 def _leaf_name(path) -> str:
   """'opt.0.mu.wte' for both a target tree and Orbax's metadata tree.
@@ -98,8 +101,8 @@ class Checkpointer:
     """
     steps = self.all_steps()
     if step not in steps:
-      raise ValueError(f"No checkpoint for step {step} in {self.directory}; "
-                       f"available steps: {steps or 'none'}.")
+      raise UserError(f"No checkpoint for step {step} in {self.directory}; "
+                      f"available steps: {steps or 'none'}.")
     self._check_tree(step, abstract_state)
     items = _split(abstract_state)
     args = {name: ocp.args.StandardRestore(tree) for name, tree in items.items()}
@@ -114,6 +117,13 @@ class Checkpointer:
     """The `extra` dict of `step` alone (no arrays read)."""
     out = self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
     return out[EXTRA_ITEM]
+
+  def params_shapes(self, step: int) -> dict:
+    """The `params` item of `step` as a tree of jax.ShapeDtypeStruct (no arrays read)."""
+    metadata = self._manager.item_metadata(step)[PARAMS_ITEM]
+    if metadata is None:
+      raise ValueError(f"{self.directory}/{step}/{PARAMS_ITEM} has no readable metadata")
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), metadata)
 
   def reload(self) -> None:
     """Re-reads the steps on disk (after a step folder was moved away by hand)."""
@@ -141,12 +151,10 @@ class Checkpointer:
         saved.update({_leaf_name(p): tuple(m.shape) for p, m in jax.tree.leaves_with_path(named)})
     wanted = {_leaf_name(p): tuple(s.shape)
               for p, s in jax.tree.leaves_with_path(abstract_state)}
-    problems = sorted(
-        [f"{k}: not in the checkpoint" for k in wanted.keys() - saved.keys()]
-        + [f"{k}: in the checkpoint but not in abstract_state"
-           for k in saved.keys() - wanted.keys()]
-        + [f"{k}: shape {saved[k]} in the checkpoint, {wanted[k]} in abstract_state"
-           for k in wanted.keys() & saved.keys() if saved[k] != wanted[k]])
+    problems = trees.leaf_problems(
+        wanted, saved, missing="not in the checkpoint",
+        unexpected="in the checkpoint but not in abstract_state",
+        misshapen="shape {got} in the checkpoint, {expected} in abstract_state")
     if problems:
       raise TreeMismatchError(f"Checkpoint {self.directory}/{step} does not match "
                               "abstract_state:\n  " + "\n  ".join(problems))

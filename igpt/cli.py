@@ -11,6 +11,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import logging as pylogging
 import os
 import re
@@ -20,6 +21,8 @@ import threading
 from absl import flags, logging
 from ml_collections import config_flags
 
+from igpt import config as config_lib
+from igpt.errors import UserError
 from igpt.guards import DivergedError, NonFiniteLossError
 
 if "debug" not in flags.FLAGS:  # an entry point's module may define it first
@@ -28,9 +31,19 @@ if "debug" not in flags.FLAGS:  # an entry point's module may define it first
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-# Errors that mean "the input (or the machine's disk) is wrong", not "the code is wrong".
-# WorkdirError and the config errors are ValueErrors.
-USER_ERRORS = (ValueError, OSError, ImportError, NonFiniteLossError, DivergedError)
+# Errors that mean "the input (or the machine's disk) is wrong", not "the code is wrong": a
+# checked mistake, a run that diverged, and the file system refusing a path or a write.
+USER_ERRORS = (UserError, OSError, NonFiniteLossError, DivergedError)
+# An OSError is the user's (a path they gave, a full or read-only disk) when it names a file or
+# says the disk refused; any other (a socket, a device) is reported with its traceback.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
+
+
+def is_user_error(e: BaseException) -> bool:
+  """Whether `e` is reported as one line (see USER_ERRORS) rather than as a bug."""
+  if isinstance(e, OSError) and not isinstance(e, UserError):
+    return bool(e.filename) or e.errno in _DISK_ERRNOS or e.strerror is None
+  return isinstance(e, USER_ERRORS)
 
 
 class _QuietConsole:
@@ -105,12 +118,83 @@ _FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, Sy
                 ImportError, OSError)
 
 
+class ModelFlags:
+  """--workdir, --step, --hf and --palette: where the model an entry point reads comes from
+  (a run folder, or a transformers ImageGPT folder with its palette), the same everywhere."""
+
+  def __init__(self, what: str):
+    self._workdir = flags.DEFINE_string("workdir", None, f"Run folder of the model to {what}.")
+    self._step = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: "
+                                      "the newest).")
+    self._hf = flags.DEFINE_string("hf", None, "A transformers ImageGPT checkpoint folder "
+                                   "(instead of --workdir).")
+    self._palette = flags.DEFINE_string("palette", None, "Palette .npy ([k, 3] in [-1, 1], "
+                                        "e.g. the release's kmeans_centers.npy) for --hf; a run "
+                                        "folder has its own.")
+
+  def source(self):
+    """The `igpt.trained.ModelSource` they name."""
+    from igpt import trained  # pylint: disable=g-import-not-at-top  (JAX after flag parsing)
+    return trained.ModelSource(workdir=self._workdir.value, step=self._step.value,
+                               hf=self._hf.value, palette=self._palette.value)
+
+
+def define_out_flag(default_help: str):
+  """--out: the folder an entry point writes its results to."""
+  return flags.DEFINE_string("out", None, f"Output folder (default: {default_help}).")
+
+
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
 def parse_flags(argv):
-  """absl's flag parser, with flag and config-file mistakes reported as one `error:` line."""
+  """absl's flag parser, with flag and config-file mistakes reported as one `error:` line;
+  `--help` prints the entry point's usage, flags and config fields, and exits 0."""
+  if any(arg in HELP_FLAGS for arg in argv[1:]):
+    print_help(argv)
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except _FLAG_ERRORS as e:
     _fail_flags(e, argv)
+
+
+def _load_config_file(spec: str):
+  """`get_config()` of a config file `path[:variant]`, as --config loads it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  path, _, variant = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_help_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def print_help(argv) -> None:
+  """The entry point's docstring, its flags, and its config's fields with their values."""
+  main = sys.modules["__main__"]
+  lines = [(main.__doc__ or "").strip(), "", "Flags:", flags.FLAGS.main_module_help()]
+  spec = _flag_value(argv, "config")
+  if spec == "?" and "config" in flags.FLAGS:
+    try:  # an entry point's default config file
+      spec = flags.FLAGS["config"].config_filename or "?"
+    except Exception:  # noqa: BLE001  (no default: not parsed, nothing to show)
+      spec = "?"
+  try:
+    config = _load_config_file(spec) if spec != "?" else None
+  except Exception as e:  # noqa: BLE001  (help should still print)
+    lines += ["", f"(cannot read the config file {spec}: {type(e).__name__}: {e})"]
+    config = None
+  if config is not None:
+    lines += ["", f"Config fields of {spec} (override with --config.NAME=VALUE):"]
+  elif "config" in flags.FLAGS:
+    config = config_lib.base_config(num_layers=24, d_model=512, num_heads=8)
+    lines += ["", "Config fields of a run config, as igpt.config.base_config sets them "
+                  "(a --config file changes some; see configs/):"]
+  if config is not None:
+    lines += [f"  --config.{name}={value!r}"
+              for name, value in config_lib.flatten(config.to_dict()).items()]
+  print("\n".join(lines))
 
 
 def define_config_file(default_path: str, help_text: str):
@@ -148,6 +232,34 @@ def _fail_flags(e: BaseException, argv) -> None:
   fail(f"cannot read the config: {type(e).__name__}: {error_line(e)}")
 
 
+def _is_orbax_teardown_noise(exc) -> bool:
+  # A failed Orbax read or save leaves TensorStore operations in flight; when they finish,
+  # their callbacks find the event loop closed or their coroutine abandoned and print a
+  # traceback each.
+  return (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)) or (
+      "Encountered error while reading array index" in str(exc))
+
+
+def quiet_orbax_teardown() -> None:
+  """Keeps the tracebacks of a failed read's or save's stray callbacks off the console."""
+  if getattr(sys.excepthook, "_igpt_quiet", False):
+    return
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def quiet_excepthook(kind, exc, tb):
+    # The callbacks run on TensorStore's threads; the main thread's own errors always print.
+    stray = threading.current_thread() is not threading.main_thread()
+    if not (stray and _is_orbax_teardown_noise(exc)):
+      excepthook(kind, exc, tb)
+
+  def quiet_unraisablehook(unraisable):
+    if not _is_orbax_teardown_noise(unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  quiet_excepthook._igpt_quiet = True
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+
 def _one_line_thread_error(args) -> None:
   sys.stderr.write(f"warning: background thread {args.thread.name if args.thread else '?'} "
                    f"failed: {args.exc_type.__name__}: {args.exc_value}\n")
@@ -168,18 +280,16 @@ def run_main(main, interrupted_hint="", debug_hint: bool = True,
     # A failed background write (Orbax's save threads) is re-raised in the main thread, which
     # reports it in one line; the thread's own traceback would only bury that line.
     threading.excepthook = _one_line_thread_error
-    # A failed save leaves TensorStore callbacks that each print a traceback before (and
-    # while) the main thread reports the error. (Imported here: it brings in Orbax and JAX,
-    # which a flag mistake should not wait for.)
-    from igpt import workdir  # pylint: disable=g-import-not-at-top
-    workdir.quiet_orbax_teardown()
+    # A failed read or save leaves TensorStore callbacks that each print a traceback before
+    # (and while) the main thread reports the error.
+    quiet_orbax_teardown()
   try:
     main()
   except KeyboardInterrupt:
     hint = interrupted_hint() if callable(interrupted_hint) else interrupted_hint
     _last_words(f"\ninterrupted{': ' + hint if hint else ''}\n", EXIT_INTERRUPTED, hard_exit)
   except USER_ERRORS as e:
-    if debug:
+    if debug or not is_user_error(e):
       raise
     fail(error_line(e), "(run with --debug for the traceback)" if debug_hint else "",
          hard_exit)

@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 
@@ -17,7 +18,7 @@ def maybe_initialize(config) -> None:
   On CPU the cross-process collectives use gloo (jax_cpu_collectives_implementation).
   """
   env = os.environ
-  if not (config.get("distributed", False) or env.get("JAX_COORDINATOR_ADDRESS")):
+  if not (config.distributed or env.get("JAX_COORDINATOR_ADDRESS")):
     return
   if jax.distributed.is_initialized():
     return
@@ -29,6 +30,8 @@ def maybe_initialize(config) -> None:
   if jax.config.jax_platforms in (None, "", "cpu") and not jax.config.jax_cpu_collectives_implementation:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)  # one console of progress, not one per host
 
 
 def broadcast_rows_from_process_0(array: np.ndarray | None, num_cols: int) -> np.ndarray:

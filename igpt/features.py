@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from igpt import fileio, model, pipeline, run, sharding
+from igpt import fileio, model, pipeline, sharding, trained
+from igpt.errors import UserError
 from igpt.model import ModelConfig
 
 POOLINGS = ("norm", "raw")
@@ -49,17 +50,17 @@ def resolve_layers(spec, num_layers: int) -> list[int]:
     try:
       spec = [int(p) for p in parts]
     except ValueError:
-      raise ValueError(f"layers={spec!r}: use 'all' or block indices like '0,4,-1'.") from None
+      raise UserError(f"layers={spec!r}: use 'all' or block indices like '0,4,-1'.") from None
   elif isinstance(spec, int):
     spec = [spec]
   layers = set()
   for i in spec:
     if not -num_layers <= int(i) < num_layers:
-      raise ValueError(f"layer {i} is out of range: the model has {num_layers} blocks "
-                       f"(indices 0..{num_layers - 1}, or -{num_layers}..-1 from the end).")
+      raise UserError(f"layer {i} is out of range: the model has {num_layers} blocks "
+                      f"(indices 0..{num_layers - 1}, or -{num_layers}..-1 from the end).")
     layers.add(int(i) % num_layers)
   if not layers:
-    raise ValueError("no layers given: use 'all' or block indices like '0,4,-1'.")
+    raise UserError("no layers given: use 'all' or block indices like '0,4,-1'.")
   return sorted(layers)
 
 
@@ -70,7 +71,7 @@ def pool(h_BxLxD, pooling: str):
     h_BxLxD = h_BxLxD * jax.lax.rsqrt(jnp.mean(h_BxLxD**2, axis=-1, keepdims=True)
                                       + model.NORM_EPS)
   elif pooling != "raw":
-    raise ValueError(f"pooling={pooling!r}: use one of {list(POOLINGS)}.")
+    raise UserError(f"pooling={pooling!r}: use one of {list(POOLINGS)}.")
   return h_BxLxD.mean(axis=1)
 
 
@@ -94,7 +95,7 @@ def make_feature_fn(model_cfg: ModelConfig, layers: tuple[int, ...], pooling: st
 
 
 def _param_shardings(model_cfg: ModelConfig, mesh, rules):
-  return jax.tree.map(lambda s: s.sharding, run.abstract_params(model_cfg, mesh, rules))
+  return jax.tree.map(lambda s: s.sharding, trained.abstract_params(model_cfg, mesh, rules))
 
 
 def place_params(model_cfg: ModelConfig, params, mesh, rules):
@@ -129,11 +130,11 @@ class FeatureExtractor:
                pooling: str = "norm", batch_size: int = 64, cache_dir: str | None = None,
                identity: str = ""):
     if pooling not in POOLINGS:
-      raise ValueError(f"pooling={pooling!r}: use one of {list(POOLINGS)}.")
+      raise UserError(f"pooling={pooling!r}: use one of {list(POOLINGS)}.")
     dp = sharding.data_parallel_size(mesh)
     if batch_size < 1 or batch_size % (dp * jax.process_count()):
-      raise ValueError(f"batch_size={batch_size} must be a positive multiple of the "
-                       f"data-parallel size {dp} (and of the {jax.process_count()} processes).")
+      raise UserError(f"batch_size={batch_size} must be a positive multiple of the "
+                      f"data-parallel size {dp} (and of the {jax.process_count()} processes).")
     self.model_cfg, self.mesh, self.rules = model_cfg, mesh, tuple(rules)
     self.params, self.param_shardings = place_params(model_cfg, params, mesh, self.rules)
     self.centers = None if centers is None else np.asarray(centers, np.float32)

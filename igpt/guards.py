@@ -30,17 +30,14 @@ class DivergedError(FloatingPointError):
   """The loss or the param norm ran far past its starting value; the run stopped unsaved."""
 
 
-# Defaults of the `guard` config section. A healthy run's loss starts near ln(vocab) (uniform
-# predictions) and only falls; a diverged one climbs far above it, or collapses to a dead model
-# whose params blew up (a huge learning rate can leave the loss at ln(vocab) with params
-# 1e8 x their size). Healthy runs without weight decay grow their param norm a few times over
-# a long run, so 100x the initial norm is far outside normal and well before overflow.
-DEFAULT_MAX_LOSS_RATIO = 3.0
-DEFAULT_MAX_PARAM_NORM_RATIO = 100.0
-
-
 class DivergenceGuard:
   """Stops a run whose loss or param norm left the range a healthy run stays in.
+
+  A healthy run's loss starts near ln(vocab) (uniform predictions) and only falls; a diverged
+  one climbs far above it, or collapses to a dead model whose params blew up (a huge learning
+  rate can leave the loss at ln(vocab) with params 1e8 x their size). Healthy runs without
+  weight decay grow their param norm a few times over a long run, so the `guard` section's
+  default of 100x the initial norm is far outside normal and well before overflow.
 
   The references are the first step's loss (of the initial params) and the initial param norm;
   they travel in every checkpoint (`reference`), so a resumed run checks against the same
@@ -48,10 +45,8 @@ class DivergenceGuard:
   """
 
   def __init__(self, guard_config, reference: dict | None = None):
-    guard_config = guard_config or {}
-    self.max_loss_ratio = float(guard_config.get("max_loss_ratio", DEFAULT_MAX_LOSS_RATIO))
-    self.max_param_norm_ratio = float(
-        guard_config.get("max_param_norm_ratio", DEFAULT_MAX_PARAM_NORM_RATIO))
+    self.max_loss_ratio = float(guard_config.max_loss_ratio)
+    self.max_param_norm_ratio = float(guard_config.max_param_norm_ratio)
     self.reference = dict(reference or {})
 
   def set_initial_param_norm(self, param_norm: float) -> None:

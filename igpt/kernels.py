@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from igpt.errors import UserError
+
 NORM_EPS = 1e-5
 ATTENTION_CHOICES = ("auto", "blocked", "xla", "cudnn")
 # cuDNN's flash attention (jax.nn.dot_product_attention, implementation="cudnn") takes
@@ -33,8 +35,8 @@ def resolve_attention(requested: str, dtype: str, head_dim: int, backend: str) -
   raises ValueError naming `model.attention`.
   """
   if requested not in ATTENTION_CHOICES:
-    raise ValueError(f"model.attention={requested!r} is unknown: use one of "
-                     f"{list(ATTENTION_CHOICES)}.")
+    raise UserError(f"model.attention={requested!r} is unknown: use one of "
+                    f"{list(ATTENTION_CHOICES)}.")
   cudnn_ok = dtype in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= _CUDNN_MAX_HEAD_DIM
   if requested == "auto":
     if backend == "cpu":
@@ -42,13 +44,13 @@ def resolve_attention(requested: str, dtype: str, head_dim: int, backend: str) -
     return "cudnn" if backend == "gpu" and cudnn_ok else "xla"
   if requested == "cudnn":
     if backend != "gpu":
-      raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU, but JAX runs on "
-                       f"{backend!r}; use 'auto', 'xla' or 'blocked'.")
+      raise UserError(f"model.attention='cudnn' needs an NVIDIA GPU, but JAX runs on "
+                      f"{backend!r}; use 'auto', 'xla' or 'blocked'.")
     if not cudnn_ok:
-      raise ValueError(
-          f"model.attention='cudnn' needs model.dtype bfloat16 or float16 and a head size "
-          f"(d_model / num_heads) that is a multiple of 8 up to {_CUDNN_MAX_HEAD_DIM}; got "
-          f"dtype {dtype!r} and head size {head_dim}. Use 'auto' or 'xla'.")
+      raise UserError(
+                      f"model.attention='cudnn' needs model.dtype bfloat16 or float16 and a head size "
+                      f"(d_model / num_heads) that is a multiple of 8 up to {_CUDNN_MAX_HEAD_DIM}; got "
+                      f"dtype {dtype!r} and head size {head_dim}. Use 'auto' or 'xla'.")
   return requested
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from igpt import sharding
+from igpt.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,7 @@ def _padded_rows(n: int, dp: int) -> int:
 
 
 @dataclasses.dataclass
-class Classifier:
+class FittedProbe:
   """A fitted probe: standardisation, weights, and how the fit went."""
 
   mean_D: np.ndarray
@@ -113,19 +114,19 @@ class Classifier:
 
   def accuracy(self, split: Split) -> float:
     if len(split.y) == 0:
-      raise ValueError("cannot measure accuracy on an empty split.")
+      raise UserError("cannot measure accuracy on an empty split.")
     return float(np.mean(self.logits(split.x).argmax(axis=1) == split.y))
 
 
 def fit(train: Split, num_classes: int, l2: float, *, max_steps: int = 1000,
-        tol: float = 1e-5, mesh=None, init: Classifier | None = None) -> Classifier:
+        tol: float = 1e-5, mesh=None, init: FittedProbe | None = None) -> FittedProbe:
   """Fits the probe on `train` (standardised with its own statistics) with L2 strength `l2`.
 
   `init` warm-starts from another fit's weights (the same features, e.g. the previous l2 of a
   sweep). With `mesh`, the rows are sharded over its batch axes (padded with zero-weight rows).
   """
   if len(train.y) == 0:
-    raise ValueError("cannot fit a probe on an empty training split.")
+    raise UserError("cannot fit a probe on an empty training split.")
   mean_D, std_D = standardiser(train.x)
   x_NxD = (train.x - mean_D) / std_D
   y_N, w_N = train.y.astype(np.int32), np.ones(len(train.y), np.float32)
@@ -143,7 +144,7 @@ def fit(train: Split, num_classes: int, l2: float, *, max_steps: int = 1000,
       _device_rows(x_NxD.astype(np.float32), mesh), _device_rows(y_N, mesh),
       _device_rows(w_N, mesh), jnp.float32(l2), params, jnp.int32(max_steps), jnp.float32(tol))
   params = jax.device_get(params)
-  return Classifier(mean_D, std_D, np.asarray(params["w"]), np.asarray(params["b"]),
+  return FittedProbe(mean_D, std_D, np.asarray(params["w"]), np.asarray(params["b"]),
                     float(loss), int(steps))
 
 
@@ -152,9 +153,9 @@ def choose_l2(train: Split, val: Split, num_classes: int, l2_grid: Sequence[floa
   """The l2 of `l2_grid` with the best validation accuracy (ties: the stronger l2), and
   {l2: val accuracy}. Only `train` and `val` are seen."""
   if not l2_grid:
-    raise ValueError("the l2 grid is empty: give at least one L2 strength.")
+    raise UserError("the l2 grid is empty: give at least one L2 strength.")
   if len(val.y) == 0:
-    raise ValueError("the validation split is empty: the L2 strength cannot be chosen.")
+    raise UserError("the validation split is empty: the L2 strength cannot be chosen.")
   scores, clf = {}, None
   for l2 in sorted(l2_grid, reverse=True):  # strong to weak: each fit warm-starts the next
     clf = fit(train, num_classes, l2, init=clf, **fit_kwargs)
@@ -187,8 +188,8 @@ def low_data_indices(labels_N: np.ndarray, k: int, seed: int, num_classes: int) 
   for c in range(num_classes):
     members = np.flatnonzero(labels_N == c)
     if len(members) < k:
-      raise ValueError(f"low-data probe: class {c} has {len(members)} training examples, "
-                       f"fewer than the {k} per class asked for.")
+      raise UserError(f"low-data probe: class {c} has {len(members)} training examples, "
+                      f"fewer than the {k} per class asked for.")
     picks.append(rng.choice(members, size=k, replace=False))
   return np.sort(np.concatenate(picks))
 

@@ -1,4 +1,4 @@
-"""Throughput accounting (FLOPs per token, MFU) and where metrics go (console, metrics.jsonl)."""
+"""Throughput accounting (FLOPs per token, MFU), the console progress line, and metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import jax
 from absl import logging
 
 from igpt import fileio
+from igpt.errors import UserError
 from igpt.model import ModelConfig
 
 # Dense bfloat16 peak FLOP/s per device (vendor datasheets, no sparsity), matched as a
@@ -68,6 +69,17 @@ class Throughput:
   num_devices: int
   peak_flops_per_device: float | None  # None: unknown device, no MFU
 
+  @classmethod
+  def of(cls, model_cfg: ModelConfig, batch_size: int, num_devices: int,
+         peak_override: float = 0.0) -> "Throughput":
+    """For training `model_cfg` at `batch_size` images per step on `num_devices` devices
+    (`peak_override` > 0 replaces the device's datasheet peak)."""
+    tokens = batch_size * model_cfg.seq_len
+    return cls(tokens_per_step=tokens, images_per_step=batch_size,
+               flops_per_step=flops_per_token(model_cfg) * tokens, num_devices=num_devices,
+               peak_flops_per_device=peak_flops_per_device(jax.devices()[0].device_kind,
+                                                           peak_override))
+
   def __call__(self, steps_per_s: float, steps_left: int) -> dict:
     model_flops_per_device = self.flops_per_step * steps_per_s / self.num_devices
     out = {"tokens_per_s": self.tokens_per_step * steps_per_s,
@@ -86,7 +98,7 @@ def log_memory(compiled) -> None:
   except Exception:  # noqa: BLE001  (not every backend implements it)
     return
   if mem is not None:
-    log("Train step memory per device: args %.1f MiB, temps %.1f MiB, output %.1f MiB.",
+    logging.info("Train step memory per device: args %.1f MiB, temps %.1f MiB, output %.1f MiB.",
         mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20,
         mem.output_size_in_bytes / 2**20)
 
@@ -114,10 +126,10 @@ class MetricsWriter:
         record = json.loads(line)
       except json.JSONDecodeError as e:
         if i == len(lines) - 1:
-          log("%s: dropped its cut-off last line (%d characters).", self.path, len(line) - 1)
+          logging.info("%s: dropped its cut-off last line (%d characters).", self.path, len(line) - 1)
           continue
-        raise ValueError(f"{self.path} line {i + 1} is not valid JSON ({e}); remove or repair "
-                         "that line.") from e
+        raise UserError(f"{self.path} line {i + 1} is not valid JSON ({e}); remove or repair "
+                        "that line.") from e
       if record.get("step", 0) <= step:
         kept.append(line)
     if kept != lines:
@@ -175,13 +187,3 @@ def summary_line(final: dict) -> str:
   if "tokens_per_s" in final:
     parts.append(f"{final['tokens_per_s']:,.0f} tok/s")
   return ", ".join(parts)
-
-
-def log(msg: str, *args) -> None:
-  """INFO log from process 0 only: one console, not one per host."""
-  if jax.process_index() == 0:
-    logging.info(msg, *args)
-
-
-# Log lines name the caller of `log`, not this module.
-logging.ABSLLogger.register_frame_to_skip(__file__, "log")

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from igpt import kernels
+from igpt.errors import UserError
 
 Dtype = Any
 NORM_EPS = kernels.NORM_EPS
@@ -51,28 +52,35 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
-      raise ValueError(
-          f"model.d_model={self.d_model} is not divisible by model.num_heads="
-          f"{self.num_heads}; pick a head count that divides the width.")
+      raise UserError(
+                      f"model.d_model={self.d_model} is not divisible by model.num_heads="
+                      f"{self.num_heads}; pick a head count that divides the width.")
     if self.dtype not in DTYPES:
-      raise ValueError(f"model.dtype={self.dtype!r}: use one of {list(DTYPES)}.")
+      raise UserError(f"model.dtype={self.dtype!r}: use one of {list(DTYPES)}.")
     if self.attention not in kernels.ATTENTION_CHOICES:
-      raise ValueError(f"model.attention={self.attention!r} is unknown: use one of "
-                       f"{list(kernels.ATTENTION_CHOICES)}.")
+      raise UserError(f"model.attention={self.attention!r} is unknown: use one of "
+                      f"{list(kernels.ATTENTION_CHOICES)}.")
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
 
+  @property
+  def image_side(self) -> int:
+    """Pixels per image side (the model reads square images of side**2 = seq_len tokens)."""
+    side = math.isqrt(self.seq_len)
+    if side * side != self.seq_len:
+      raise UserError(f"seq_len={self.seq_len} is not a square: this model reads no image.")
+    return side
+
   @classmethod
   def from_config(cls, model_config, *, causal: bool, vocab_size: int) -> "ModelConfig":
     """Builds from a run config's `model` section; `causal` comes from the objective and
-    `vocab_size` from `model.vocab_size` or the palette (see `igpt.run.model_config`)."""
+    `vocab_size` from `model.vocab_size` or the palette (see `igpt.spec.resolve`)."""
     m = model_config
     return cls(num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
                seq_len=m.image_side**2, vocab_size=vocab_size, causal=causal,
-               dtype=m.get("dtype", "float32"), remat=m.get("remat", False),
-               attention=m.get("attention", "auto"))
+               dtype=m.dtype, remat=m.remat, attention=m.attention)
 
   def attention_implementation(self, backend: str | None = None) -> str:
     """The attention kernel this config runs on `backend` (default: JAX's)."""
@@ -124,22 +132,19 @@ class Attention(nn.Module):
       return self.param(name, nn.with_logical_partitioning(_normal(stddev), ("embed", "heads", "kv")),
                         (d, h, hd), jnp.float32).astype(dtype)
 
-    w_q, w_k, w_v = (weight(name, 1 / math.sqrt(d)) for name in ("q", "k", "v"))
     if self.decode:
-      # One matmul for a decode step's few rows: a small model's step is bound by the number
-      # of kernels it runs. `fuse_qkv` concatenates the weights once, outside a sampling loop
-      # (XLA does not hoist the concatenation out of the loop by itself).
-      if self.has_variable("params", "qkv"):
-        w_qkv = self.get_variable("params", "qkv").astype(dtype)
-      else:
-        w_qkv = jnp.concatenate([w_q, w_k, w_v], axis=1)
-      qkv_BxLx3HxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, w_qkv)
+      # One matmul for a decode step's few rows (a small model's step is bound by the number
+      # of kernels it runs): decode reads the fused `qkv` weight of `decode_params`, made once
+      # outside a sampling loop (XLA does not hoist a concatenation out of the loop itself).
+      w_qkv = self.param("qkv", _normal(1 / math.sqrt(d)), (d, 3 * h, hd), jnp.float32)
+      qkv_BxLx3HxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, w_qkv.astype(dtype))
       q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = jnp.split(qkv_BxLx3HxK, 3, axis=2)
     else:
       # Three matmuls, not one fused [d, 3H, hd]: concatenating head-sharded weights would
       # move them between devices under tensor parallelism.
-      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (jnp.einsum("bld,dhk->blhk", x_BxLxD, w)
-                                         for w in (w_q, w_k, w_v))
+      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
+          jnp.einsum("bld,dhk->blhk", x_BxLxD, weight(name, 1 / math.sqrt(d)))
+          for name in ("q", "k", "v"))
     names = ("batch", "length", "heads", "kv")
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (_constrain(t, names) for t in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
     if self.decode:
@@ -229,9 +234,9 @@ class IGPT(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     batch, length = tokens_BxL.shape
     if length > cfg.seq_len:
-      raise ValueError(f"got {length} tokens but the model has {cfg.seq_len} positions.")
+      raise UserError(f"got {length} tokens but the model has {cfg.seq_len} positions.")
     if self.decode and not cfg.causal:
-      raise ValueError("decode mode needs a causal (autoregressive) model.")
+      raise UserError("decode mode needs a causal (autoregressive) model.")
     wte = self.param("wte", nn.with_logical_partitioning(_normal(0.02), ("vocab", "embed")),
                      (cfg.vocab_size, cfg.d_model), jnp.float32)
     wpe = self.param("wpe", nn.with_logical_partitioning(_normal(0.01), ("length", "embed")),
@@ -288,7 +293,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, length: int | None = None) -> 
   grows it."""
   length = cfg.seq_len if length is None else length
   if not 1 <= length <= cfg.seq_len:
-    raise ValueError(f"cache length {length} must be in [1, {cfg.seq_len}].")
+    raise UserError(f"cache length {length} must be in [1, {cfg.seq_len}].")
   # The layout `Attention._cached` declares, built directly: tracing the model for its
   # shapes took longer than sampling a whole small image.
   shape = (batch_size, cfg.num_heads, length, cfg.head_dim)
@@ -306,23 +311,27 @@ def pad_cache(cache: dict, length: int) -> dict:
 def decode(cfg: ModelConfig, params, cache, prev_tokens_BxC, start):
   """Runs positions start .. start+C-1 through the cache: returns (logits_BxCxV, new cache).
 
-  `prev_tokens_BxC[:, i]` is the token at position start+i-1 (any value at position 0, which
-  reads SOS); logit i predicts the token at position start+i. `start` may be traced. Feeding
-  a prompt t_0..t_{n-1} as [0, t_0, ..., t_{n-1}] from start 0 (n+1 positions) leaves the
-  cache ready and logit n predicting the first unknown token.
+  `params` are `decode_params(params)` (a sampling loop makes them once), or plain params,
+  fused here on every call. `prev_tokens_BxC[:, i]` is the token at position start+i-1 (any
+  value at position 0, which reads SOS); logit i predicts the token at position start+i.
+  `start` may be traced. Feeding a prompt t_0..t_{n-1} as [0, t_0, ..., t_{n-1}] from start 0
+  (n+1 positions) leaves the cache ready and logit n predicting the first unknown token.
   """
+  if "qkv" not in params["h_0"]["attn"]:
+    params = decode_params(params)
   (logits_BxCxV, _), mutated = IGPT(cfg, decode=True).apply(
       {"params": params, "cache": cache}, prev_tokens_BxC, None, start, mutable=["cache"])
   return logits_BxCxV, mutated["cache"]
 
 
-def fuse_qkv(params) -> dict:
-  """`params` plus, per block, `attn/qkv` [d, 3H, K] (q, k, v concatenated) for `decode`."""
+def decode_params(params) -> dict:
+  """The params `decode` runs on: per block, `attn/q`, `k`, `v` replaced by their
+  concatenation `attn/qkv` [d, 3H, K]."""
   blocks = {}
   for name, block in params.items():
     if name.startswith("h_"):
-      attn = block["attn"]
-      qkv = jnp.concatenate([attn["q"], attn["k"], attn["v"]], axis=1)
+      attn = dict(block["attn"])
+      qkv = jnp.concatenate([attn.pop("q"), attn.pop("k"), attn.pop("v")], axis=1)
       block = {**block, "attn": {**attn, "qkv": qkv}}
     blocks[name] = block
   return blocks

@@ -1,9 +1,9 @@
 """Training objectives as one table: what the model sees, and what it is scored on.
 
 Each `Objective` says whether the model is causal, which batch keys it needs, how it adds its
-model inputs to a batch (`prepare`: BERT's masks) and its loss. The trainer looks the
-configured `objective` up here and never branches on its name, so a new objective (say a
-classification loss for fine-tuning) is one new entry.
+model inputs to a batch (`prepare`: BERT's masks), its loss, what its evaluations report and
+whether it adds a head. The run spec looks the configured `objective` up here once; nothing
+branches on its name, so a new objective is one new entry.
 """
 
 from __future__ import annotations
@@ -14,51 +14,73 @@ from typing import Callable
 import jax.numpy as jnp
 import optax
 
-from igpt import classifier, losses, model
+from igpt import class_head, losses, model
+from igpt.errors import UserError
 from igpt.model import ModelConfig
 
-# prepare(batch, rng, config) -> batch with the objective's model inputs added; the whole
+# prepare(objective, batch, rng) -> batch with the objective's model inputs added; the whole
 # global batch is prepared before it is split into micro-batches, so gradient accumulation
 # sees the same masks as one big step.
-Prepare = Callable[[dict, "jax.Array", object], dict]
+Prepare = Callable[["Objective", dict, "jax.Array"], dict]
 # loss(model_cfg, params, batch) -> (per-example loss [B], example weight [B]); the batch
 # loss is sum(loss * weight) / sum(weight). A weight of 0 drops an example (evaluation
 # multiplies it by the padding mask).
 Loss = Callable[[ModelConfig, dict, dict], tuple]
-# init_head(model_cfg, config, rng) -> params the objective adds to the model's (a classifier
-# head); head_axes(model_cfg, config) -> their logical axis names, for sharding.
-InitHead = Callable[[ModelConfig, object, "jax.Array"], dict]
-HeadAxes = Callable[[ModelConfig, object], dict]
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
+  """One training objective; `configure` binds the run's settings (mask rate, classes)."""
+
   name: str
   causal: bool
   batch_keys: tuple[str, ...]
   prepare: Prepare
   loss: Loss
   description: str
-  init_head: InitHead | None = None
-  head_axes: HeadAxes | None = None
+  # What an evaluation reports (names in igpt.evaluation), and the metric whose best value's
+  # params are kept in the run's best/ folder ("" = none).
+  evaluators: tuple[str, ...] = ("loss",)
+  keep_best_by: str = ""
+  has_head: bool = False  # adds a classifier head (igpt.class_head) to the model's params
+  mask_prob: float = 0.0  # bert: the share of positions masked
+  num_classes: int = 0  # classify: the head's classes
 
-  def init_params(self, model_cfg: ModelConfig, config, rng) -> dict:
+  def configure(self, config) -> "Objective":
+    """This objective with the run config's settings, checked."""
+    if self.name == "bert":
+      if not 0.0 < config.bert_mask_prob < 1.0:
+        raise UserError(f"bert_mask_prob={config.bert_mask_prob} must be in (0, 1).")
+      return dataclasses.replace(self, mask_prob=float(config.bert_mask_prob))
+    if self.has_head:
+      num_classes = int(config.finetune.num_classes)
+      if num_classes < 2:
+        raise UserError(f"objective={self.name!r} needs finetune.num_classes >= 2 (the "
+                        "labelled data's classes); see configs/finetune.py.")
+      return dataclasses.replace(self, num_classes=num_classes)
+    return self
+
+  def prepare_batch(self, batch: dict, rng) -> dict:
+    """`batch` with this objective's model inputs added (BERT's masks)."""
+    return self.prepare(self, batch, rng)
+
+  def init_params(self, model_cfg: ModelConfig, rng) -> dict:
     """The model's params plus any this objective adds (a fine-tuning head)."""
     params = model.init_params(model_cfg, rng)
-    if self.init_head:
-      params = {**params, **self.init_head(model_cfg, config, rng)}
+    if self.has_head:
+      params = {**params, **class_head.init_head(model_cfg.d_model, self.num_classes)}
     return params
 
-  def param_axes(self, model_cfg: ModelConfig, config) -> dict:
+  def param_axes(self, model_cfg: ModelConfig) -> dict:
     """Logical axis names of `init_params`' tree."""
     axes = model.logical_axes(model_cfg)
-    if self.head_axes:
-      axes = {**axes, **self.head_axes(model_cfg, config)}
+    if self.has_head:
+      axes = {**axes, **class_head.head_axes()}
     return axes
 
 
-def _unchanged(batch, rng, config):
-  del rng, config
+def _unchanged(objective, batch, rng):
+  del objective, rng
   return batch
 
 
@@ -68,8 +90,8 @@ def _ar_loss(model_cfg, params, batch):
   return per_example_B, jnp.ones_like(per_example_B)
 
 
-def _bert_prepare(batch, rng, config):
-  keep_BxL = losses.bert_keep_mask(rng, batch["tokens"].shape, config.bert_mask_prob)
+def _bert_prepare(objective, batch, rng):
+  keep_BxL = losses.bert_keep_mask(rng, batch["tokens"].shape, objective.mask_prob)
   return {**batch, "keep": keep_BxL}
 
 
@@ -82,7 +104,7 @@ def _bert_loss(model_cfg, params, batch):
 
 def _classify_loss(model_cfg, params, batch):
   # The paper's fine-tuning loss: L_clf + L_gen, both per example.
-  logits_BxC, logits_BxLxV = classifier.class_logits(model_cfg, params, batch["tokens"])
+  logits_BxC, logits_BxLxV = class_head.class_logits(model_cfg, params, batch["tokens"])
   clf_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["label"])
   _, gen_B = losses.ar_loss(logits_BxLxV, batch["tokens"])
   return clf_B + gen_B, jnp.ones_like(clf_B)
@@ -96,14 +118,15 @@ OBJECTIVES = {
     "classify": Objective("classify", causal=True, batch_keys=("tokens", "label"),
                           prepare=_unchanged, loss=_classify_loss,
                           description="fine-tuning: linear head on mean-pooled ln_f + next pixel",
-                          init_head=classifier.init_head, head_axes=classifier.head_axes),
+                          evaluators=("loss", "accuracy"), keep_best_by="eval_accuracy",
+                          has_head=True),
 }
 
 
 def get(name: str) -> Objective:
-  """The objective called `name`; a ValueError lists the known ones."""
+  """The objective called `name` (not yet configured); a ValueError lists the known ones."""
   if name not in OBJECTIVES:
-    raise ValueError(f"objective={name!r} is unknown: use one of {sorted(OBJECTIVES)}.")
+    raise UserError(f"objective={name!r} is unknown: use one of {sorted(OBJECTIVES)}.")
   return OBJECTIVES[name]
 
 

@@ -9,11 +9,8 @@ import optax
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
   """Linear warm-up from 0 to `lr`, then cosine decay to 0 at `total_steps` (`schedule`
   "cosine", the default) or constant `lr` (`schedule` "constant", for fine-tuning)."""
-  kind = optim_config.get("schedule", "cosine")
-  if kind == "constant":
+  if optim_config.schedule == "constant":
     return optax.warmup_constant_schedule(0.0, optim_config.lr, optim_config.warmup_steps)
-  if kind != "cosine":
-    raise ValueError(f"optim.schedule={kind!r}: use 'cosine' or 'constant'.")
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim_config.lr, warmup_steps=optim_config.warmup_steps,
       decay_steps=total_steps, end_value=0.0)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from igpt import fileio
+from igpt.errors import MissingFileError, UserError
 
 MAX_PALETTE_SIZE = 32767  # tokens live in an int16 lookup table
 _NUM_COLOURS = 1 << 24
@@ -57,25 +58,25 @@ def check_palette(centers, what: str = "centers") -> np.ndarray:
   """`centers` as float32 (k, 3) in [-1, 1]; a ValueError naming `what` otherwise."""
   centers = np.asarray(centers)
   if centers.ndim != 2 or centers.shape[1] != 3 or not 1 <= centers.shape[0] <= MAX_PALETTE_SIZE:
-    raise ValueError(f"{what} must have shape (k, 3) with 1 <= k <= {MAX_PALETTE_SIZE}; "
-                     f"got shape {centers.shape}.")
+    raise UserError(f"{what} must have shape (k, 3) with 1 <= k <= {MAX_PALETTE_SIZE}; "
+                    f"got shape {centers.shape}.")
   if not np.issubdtype(centers.dtype, np.floating):
-    raise ValueError(f"{what} must be floating point in [-1, 1]; got dtype {centers.dtype}.")
+    raise UserError(f"{what} must be floating point in [-1, 1]; got dtype {centers.dtype}.")
   if not np.all(np.isfinite(centers)):
-    raise ValueError(f"{what} contains NaN or infinite values.")
+    raise UserError(f"{what} contains NaN or infinite values.")
   lo, hi = float(centers.min()), float(centers.max())
   if lo < -1 - 1e-5 or hi > 1 + 1e-5:
-    raise ValueError(f"{what} must lie in [-1, 1] (the x / 127.5 - 1 space); got values in "
-                     f"[{lo:.4g}, {hi:.4g}]. Did you pass 0..255 colours?")
+    raise UserError(f"{what} must lie in [-1, 1] (the x / 127.5 - 1 space); got values in "
+                    f"[{lo:.4g}, {hi:.4g}]. Did you pass 0..255 colours?")
   return np.clip(centers, -1, 1).astype(np.float32)
 
 
 def _check_images(images) -> np.ndarray:
   images = np.asarray(images)
   if images.dtype != np.uint8:
-    raise ValueError(f"images must be uint8 RGB in 0..255; got dtype {images.dtype}.")
+    raise UserError(f"images must be uint8 RGB in 0..255; got dtype {images.dtype}.")
   if images.ndim < 3 or images.shape[-1] != 3:
-    raise ValueError(f"images must have shape [..., H, W, 3]; got {images.shape}.")
+    raise UserError(f"images must have shape [..., H, W, 3]; got {images.shape}.")
   return images
 
 
@@ -198,17 +199,17 @@ def decode(tokens, centers, side: int | None = None) -> np.ndarray:
   """uint8 images [..., side, side, 3] of tokens [..., L]; side defaults to sqrt(L)."""
   tokens = np.asarray(tokens)
   if not np.issubdtype(tokens.dtype, np.integer) or tokens.ndim < 1:
-    raise ValueError(f"tokens must be an integer array [..., L]; got {tokens.dtype} "
-                     f"{tokens.shape}.")
+    raise UserError(f"tokens must be an integer array [..., L]; got {tokens.dtype} "
+                    f"{tokens.shape}.")
   colours = centers_to_rgb(centers)
   length = tokens.shape[-1]
   if side is None:
     side = math.isqrt(length)
   if side * side != length:
-    raise ValueError(f"{length} tokens per image is not side*side for side={side}.")
+    raise UserError(f"{length} tokens per image is not side*side for side={side}.")
   if tokens.size and (tokens.min() < 0 or tokens.max() >= len(colours)):
-    raise ValueError(f"tokens must lie in [0, {len(colours)}) for a palette of "
-                     f"{len(colours)} colours; got [{tokens.min()}, {tokens.max()}].")
+    raise UserError(f"tokens must lie in [0, {len(colours)}) for a palette of "
+                    f"{len(colours)} colours; got [{tokens.min()}, {tokens.max()}].")
   return colours[tokens].reshape(tokens.shape[:-1] + (side, side, 3))
 
 
@@ -304,12 +305,12 @@ def fit_palette(pixels, k: int = 512, seed: int = 0, num_iters: int = 50,
   """
   pixels = np.asarray(pixels)
   if pixels.dtype != np.uint8 or pixels.ndim < 1 or pixels.shape[-1] != 3:
-    raise ValueError(f"pixels must be uint8 RGB [N, 3]; got {pixels.dtype} {pixels.shape}.")
+    raise UserError(f"pixels must be uint8 RGB [N, 3]; got {pixels.dtype} {pixels.shape}.")
   if not 1 <= k <= MAX_PALETTE_SIZE:
-    raise ValueError(f"palette size k={k} must be in [1, {MAX_PALETTE_SIZE}].")
+    raise UserError(f"palette size k={k} must be in [1, {MAX_PALETTE_SIZE}].")
   pixels = pixels.reshape(-1, 3)
   if len(pixels) == 0:
-    raise ValueError("fit_palette got no pixels.")
+    raise UserError("fit_palette got no pixels.")
   codes, weights = _distinct_colours(pixels)
   points_t = _unpack_unit(codes)
   if len(codes) <= k:
@@ -334,8 +335,8 @@ def check_fits(centers, vocab_size: int, where: str) -> None:
   """A ValueError naming `where` when the palette has more colours than the model has tokens
   (those colours could never be predicted; their pixels would be encoded out of range)."""
   if len(centers) > vocab_size:
-    raise ValueError(f"{where} has {len(centers)} colours but the model has {vocab_size} "
-                     "tokens (model.vocab_size); raise vocab_size or use a smaller palette.")
+    raise UserError(f"{where} has {len(centers)} colours but the model has {vocab_size} "
+                    "tokens (model.vocab_size); raise vocab_size or use a smaller palette.")
 
 
 def save_palette(path, centers) -> None:
@@ -349,15 +350,15 @@ def load_palette(path) -> np.ndarray:
   """Reads a palette `.npy` (k, 3) float in [-1, 1] (e.g. OpenAI's kmeans_centers.npy)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"Palette file {path!r} does not exist. Fit one with igpt.palette.fit_palette and "
-        f"save_palette (training does this when data.palette_path is empty), or point "
-        f"data.palette_path at an existing kmeans_centers.npy.")
+    raise MissingFileError(
+                           f"Palette file {path!r} does not exist. Fit one with igpt.palette.fit_palette and "
+                           f"save_palette (training does this when data.palette_path is empty), or point "
+                           f"data.palette_path at an existing kmeans_centers.npy.")
   try:
     centers = np.load(path, allow_pickle=False)
   except Exception as e:  # np.load raises several types for a non-npy or truncated file
-    raise ValueError(f"Palette file {path!r} is not a readable .npy array: {e}") from e
+    raise UserError(f"Palette file {path!r} is not a readable .npy array: {e}") from e
   try:
     return check_palette(centers, what=f"Palette file {path!r}")
   except ValueError as e:
-    raise ValueError(f"{e} A palette is a float .npy of shape (k, 3) in [-1, 1].") from None
+    raise UserError(f"{e} A palette is a float .npy of shape (k, 3) in [-1, 1].") from None

@@ -4,7 +4,7 @@ Sources come from `igpt.readers` (images) or hold tokens already (`get_tokens`).
 {'tokens': int32 [b, side*side], 'label': int32 [b]} (label -1 when unlabelled); evaluation
 batches add 'mask'. `batch_at(source, centers, step, ...)` is a pure function of (seed, step):
 the global batch `step` of a stream of per-epoch permutations, so resuming at a step needs no
-iterator state. `sharding.global_batch` turns a process's share into global arrays.
+iterator state; `augment=True` crops and flips its images first (CIFAR augmentation). `sharding.global_batch` turns a process's share into global arrays.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 
 from igpt import palette as palette_lib
 from igpt import readers
+from igpt.errors import UserError
 
 
 def fit_palette(train_source: readers.ImageSource, palette_size: int, num_pixels: int,
@@ -33,9 +34,9 @@ def sample_pixels(source: readers.ImageSource, num_pixels: int, seed: int) -> np
   many images), then draws pixels from them without replacement when there are enough.
   """
   if num_pixels < 1:
-    raise ValueError(f"num_pixels must be positive; got {num_pixels}.")
+    raise UserError(f"num_pixels must be positive; got {num_pixels}.")
   if len(source) == 0:
-    raise ValueError(f"{source.description} has no images to sample pixels from.")
+    raise UserError(f"{source.description} has no images to sample pixels from.")
   rng = np.random.default_rng(seed)
   per_image = source.image_side ** 2
   num_images = min(len(source), max(1, -(-4 * num_pixels // per_image)))
@@ -57,7 +58,7 @@ def global_batch_indices(num_examples: int, step: int, batch_size: int, seed: in
   """Source indices of global batch `step`: positions step*B .. step*B+B-1 of the stream
   perm(seed, 0) ++ perm(seed, 1) ++ ..., a fresh permutation per epoch (a batch may span two)."""
   if num_examples < 1:
-    raise ValueError("cannot batch an empty source.")
+    raise UserError("cannot batch an empty source.")
   positions = step * batch_size + np.arange(batch_size, dtype=np.int64)
   epochs, offsets = np.divmod(positions, num_examples)
   out = np.empty(batch_size, np.int64)
@@ -69,11 +70,11 @@ def global_batch_indices(num_examples: int, step: int, batch_size: int, seed: in
 
 def _local_share(batch_size: int, process_index: int, process_count: int) -> slice:
   if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count="
-                     f"{process_count}).")
+    raise UserError(f"process_index={process_index} must be in [0, process_count="
+                    f"{process_count}).")
   if batch_size < 1 or batch_size % process_count:
-    raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
-                     f"process_count={process_count}.")
+    raise UserError(f"batch_size={batch_size} must be a positive multiple of "
+                    f"process_count={process_count}.")
   local = batch_size // process_count
   return slice(process_index * local, (process_index + 1) * local)
 
@@ -100,20 +101,43 @@ def batch_indices_at(num_examples: int, step: int, batch_size: int, seed: int,
                      process_index: int = 0, process_count: int = 1) -> np.ndarray:
   """Source indices of this process's share of global training batch `step`."""
   if step < 0:
-    raise ValueError(f"step must be >= 0; got {step}.")
+    raise UserError(f"step must be >= 0; got {step}.")
   share = _local_share(batch_size, process_index, process_count)
   return global_batch_indices(num_examples, step, batch_size, seed)[share]
 
 
 def batch_at(source: readers.ImageSource, centers, step: int, batch_size: int, seed: int,
-             process_index: int = 0, process_count: int = 1) -> dict:
+             process_index: int = 0, process_count: int = 1, augment: bool = False) -> dict:
   """This process's share of global training batch `step` (a pure function of seed and step).
 
   Returns `token_batch` of it: {'tokens': int32 [batch_size / process_count, S*S],
   'label': int32 [...]}; the shares of processes 0..count-1 concatenate to the global batch.
+  `augment`: the images go through `augment_images` before they are tokenised, with crops
+  and flips drawn from (seed, step, process), so a resumed run repeats them.
   """
-  indices = batch_indices_at(len(source), step, batch_size, seed, process_index, process_count)
-  return token_batch(source, centers, indices)
+  if not augment:
+    indices = batch_indices_at(len(source), step, batch_size, seed, process_index,
+                               process_count)
+    return token_batch(source, centers, indices)
+  batch = image_batch_at(source, step, batch_size, seed, process_index, process_count)
+  rng = np.random.default_rng((seed, step, process_index))
+  images = augment_images(batch["image"], rng)
+  return {"tokens": palette_lib.encode(images, centers).astype(np.int32),
+          "label": batch["label"]}
+
+
+def augment_images(images_BxSxSx3: np.ndarray, rng: np.random.Generator,
+                   pad: int = 4) -> np.ndarray:
+  """CIFAR augmentation: reflection-pad by `pad` pixels, random crop back, random flip."""
+  b, s = images_BxSxSx3.shape[:2]
+  padded = np.pad(images_BxSxSx3, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+  tops, lefts = rng.integers(0, 2 * pad + 1, b), rng.integers(0, 2 * pad + 1, b)
+  flips = rng.random(b) < 0.5
+  out = np.empty_like(images_BxSxSx3)
+  for i in range(b):
+    crop = padded[i, tops[i]:tops[i] + s, lefts[i]:lefts[i] + s]
+    out[i] = crop[:, ::-1] if flips[i] else crop
+  return out
 
 
 def image_batch_at(source: readers.ImageSource, step: int, batch_size: int, seed: int,
@@ -136,7 +160,7 @@ def eval_batches(source: readers.ImageSource, centers, batch_size: int,
   share = _local_share(batch_size, process_index, process_count)
   n = len(source)
   if n == 0:
-    raise ValueError(f"{source.description} is empty: nothing to evaluate.")
+    raise UserError(f"{source.description} is empty: nothing to evaluate.")
   total = -(-n // batch_size)
   if num_batches is not None and num_batches > 0:
     total = min(total, num_batches)

@@ -9,26 +9,31 @@
                                   and sample.py's)
     <workdir>/checkpoints/<step>/ orbax: `params`, `train_state` (optimiser; absent in an
                                   imported run) and `extra` (data position, config)
+    <workdir>/best/               a fine-tuned run's params of its best validation accuracy
+    <workdir>/probe/              probe.py's results and its feature cache
+    <workdir>/.lock               who holds the folder while a run trains in it
 
-`load_run(workdir)` gives what every entry point needs to use a trained model (config,
-palette, params) without the trainer or its optimiser; `save_run` writes a params-only run
-(an imported model) that `load_run` reads like any trained one.
+`open_for_training(spec, workdir, open_data)` opens a folder for the trainer (lock, identity,
+config, palette, checkpoints, write-error translation). Reading a trained model, and writing
+a params-only run (an imported model): `igpt.trained.load_run`, `igpt.trained.save_run`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import os
+import time
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from igpt import fileio, objectives, palette, sharding, workdir as workdirs
-from igpt.checkpoint import Checkpointer, TreeMismatchError
-from igpt.model import ModelConfig
+from igpt import distributed, fileio, metrics, palette, pipeline, summaries
+from igpt import workdir as workdirs
+from igpt.checkpoint import Checkpointer
+from igpt.errors import MissingFileError, UserError
 
 CONFIG_FILE = "config.json"
 PALETTE_FILE = "palette.npy"
@@ -37,19 +42,15 @@ TENSORBOARD_DIR = "tensorboard"
 PROFILE_DIR = "profile"
 SAMPLES_DIR = "samples"
 CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"
+BEST_FILE = "best.json"  # inside BEST_DIR: the kept step and its accuracy
+PROBE_DIR = "probe"
+LOCK_FILE = ".lock"
 
 
 def path(workdir: str, name: str) -> str:
   """`workdir/name` for one of the layout's names above."""
   return os.path.join(workdir, name)
-
-
-def model_config(config) -> ModelConfig:
-  """The model of a run config: its `model` section, causal or not by its objective, with one
-  output class per palette colour unless `model.vocab_size` is set."""
-  return ModelConfig.from_config(
-      config.model, causal=objectives.get(config.objective).causal,
-      vocab_size=config.model.get("vocab_size", 0) or config.data.palette_size)
 
 
 def config_to_json(config) -> dict:
@@ -74,16 +75,38 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The run config stored in workdir/config.json."""
   config_path = path(workdir, CONFIG_FILE)
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{config_path} does not exist: {workdir!r} is not a run folder "
-                            "(train.py or igpt.import_openai makes one).")
+    raise MissingFileError(f"{config_path} does not exist: {workdir!r} is not a run folder "
+                           "(train.py or igpt.import_openai makes one).")
   try:
     with open(config_path) as f:
       return ml_collections.ConfigDict(json.load(f))
   except json.JSONDecodeError as e:
-    raise ValueError(f"{config_path} is not valid JSON ({e}).") from e
+    raise UserError(f"{config_path} is not valid JSON ({e}).") from e
 
 
-def check_stored_config(workdir: str, config_json: dict, log) -> None:
+def read_palette(workdir: str) -> np.ndarray:
+  """The run's palette (float32 [k, 3])."""
+  palette_path = path(workdir, PALETTE_FILE)
+  if not os.path.isfile(palette_path):
+    raise MissingFileError(f"{palette_path} does not exist: the run in {workdir!r} has no "
+                           "palette (was it started and killed before its first checkpoint?).")
+  return np.asarray(palette.load_palette(palette_path), np.float32)
+
+
+def checkpointer(workdir: str, keep: int = 1) -> Checkpointer:
+  """The run's checkpoint manager (keeps the newest `keep` steps when saving)."""
+  return Checkpointer(path(workdir, CHECKPOINT_DIR), keep=keep)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the run's checkpoint folders, by name only (no Orbax manager opened)."""
+  ckpt_dir = path(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(ckpt_dir):
+    return []
+  return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+
+
+def check_stored_config(workdir: str, config_json: dict) -> None:
   """Stops a run whose config would change the model or data of the run already in `workdir`.
 
   The newest checkpoint whose `extra` reads holds the truth (config.json is only its copy,
@@ -106,131 +129,183 @@ def check_stored_config(workdir: str, config_json: dict, log) -> None:
       with open(config_path) as f:
         on_file = json.load(f)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{config_path} is not valid JSON ({e}); restore it from a checkpoint's "
-                       "config or start a new --workdir.") from e
+      raise UserError(f"{config_path} is not valid JSON ({e}); restore it from a checkpoint's "
+                      "config or start a new --workdir.") from e
     if stored is None:
       stored, source = on_file, CONFIG_FILE
     elif on_file != stored:
-      log("%s differs from the config stored in %s (edited by hand?); the checkpoint's "
-          "config is the one checked, and config.json is rewritten.", config_path, source)
+      logging.info("%s differs from the config stored in %s (edited by hand?); the "
+                   "checkpoint's config is the one checked, and config.json is rewritten.",
+                   config_path, source)
   if stored is None:
     return
   safe = workdirs.check_identity(stored, config_json, workdir, source)
   if safe:
-    log("Resuming %s with changed settings: %s.", workdir, "; ".join(safe))
+    logging.info("Resuming %s with changed settings: %s.", workdir, "; ".join(safe))
 
 
-def checkpointer(workdir: str, keep: int = 1) -> Checkpointer:
-  """The run's checkpoint manager (keeps the newest `keep` steps when saving)."""
-  return Checkpointer(path(workdir, CHECKPOINT_DIR), keep=keep)
+def prepare_palette(spec, train_source, workdir: str) -> np.ndarray:
+  """The run's palette, stored as workdir/palette.npy so a resumed run encodes the same way.
 
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """A trained (or imported) model as entry points use it."""
-
-  workdir: str
-  config: ml_collections.ConfigDict
-  model_cfg: ModelConfig
-  palette: np.ndarray  # float32 [k, 3] in [-1, 1]
-  params: dict  # the transformer's (what model.apply, sampling and features take)
-  step: int
-  head: dict = dataclasses.field(default_factory=dict)  # a fine-tuned run's classifier head
-
-
-def _head_names(config, model_cfg: ModelConfig) -> list[str]:
-  """Top-level names of the params a run's objective adds to the model's (a fine-tuning head)."""
-  objective = objectives.get(config.objective)
-  if not objective.init_head:
-    return []
-  return sorted(jax.eval_shape(lambda: objective.init_head(model_cfg, config, jax.random.key(0))))
-
-
-def abstract_params(model_cfg: ModelConfig, mesh=None, rules=(), config=None):
-  """Shapes of `model_cfg`'s params with shardings: replicated on one device, or laid out on
-  `mesh` by the logical-axis `rules`. With a run `config` whose objective adds params (a
-  fine-tuning head), those are included."""
-  objective = objectives.get(config.objective if config is not None else "ar")  # ar: no head
-  shapes = jax.eval_shape(lambda: objective.init_params(model_cfg, config, jax.random.key(0)))
-  if mesh is None:
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shardings = jax.tree.map(lambda _: one, shapes)
-  else:
-    shardings = sharding.logical_to_shardings(objective.param_axes(model_cfg, config), shapes,
-                                              mesh, rules)
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      shapes, shardings)
-
-
-def load_run(workdir: str, step: int | None = None, mesh=None) -> Run:
-  """Config, palette and params of the run in `workdir` at `step` (default: the newest).
-
-  Only the params are read (no optimiser state), onto the first local device or, with `mesh`,
-  sharded by the run's logical-axis rules. A fine-tuned run's classifier head comes apart,
-  in `Run.head`. Without `step`, a newest checkpoint that does not read (a damaged file) is
-  skipped with a warning for the next older one; nothing in the folder is changed.
+  workdir/palette.npy if present (a resumed run), else `data.palette_path` as is, else fitted
+  on `data.palette_fit_pixels` training pixels (deterministic in `config.seed`).
   """
-  config = read_config(workdir)
-  model_cfg = model_config(config)
-  palette_path = path(workdir, PALETTE_FILE)
-  if not os.path.isfile(palette_path):
-    raise FileNotFoundError(f"{palette_path} does not exist: the run in {workdir!r} has no "
-                            "palette (was it started and killed before its first checkpoint?).")
-  centers = palette.load_palette(palette_path)
-  palette.check_fits(centers, model_cfg.vocab_size, palette_path)
-  rules = sharding.rules_from_config(config) if mesh is not None else ()
-  abstract = {"params": abstract_params(model_cfg, mesh, rules, config)}
-  with checkpointer(workdir) as ckpt:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train the run first (or "
-                              "let it reach train.checkpoint_every_steps).")
-    if step is not None:
-      step = int(step)
-      if step not in steps:
-        raise ValueError(f"No checkpoint for step {step} in {ckpt.directory}; available steps: "
-                         f"{steps}.")
-    candidates = [step] if step is not None else steps[::-1]
-    for i, candidate in enumerate(candidates):
-      try:
-        restored, _ = ckpt.restore(candidate, abstract)
-        break
-      except TreeMismatchError:
-        raise  # another model, not a damaged file
-      except Exception as e:  # noqa: BLE001  (whatever a damaged file raises)
-        workdirs.quiet_orbax_teardown()
-        reason = workdirs.one_line(e)
-        if i + 1 == len(candidates):
-          others = [s for s in steps if s != candidate]
-          raise ValueError(
-              f"checkpoint {candidate} in {ckpt.directory} does not read ({reason})"
-              + (f"; pick another with --step (available: {others})." if others else ".")
-          ) from e
-        logging.warning("Checkpoint %s in %s does not read (%s); using step %s instead.",
-                        candidate, ckpt.directory, reason, candidates[i + 1])
-    step = candidate
-  params = dict(restored["params"])
-  head = {name: params.pop(name) for name in _head_names(config, model_cfg)}
-  return Run(workdir=workdir, config=config, model_cfg=model_cfg,
-             palette=np.asarray(centers, np.float32), params=params, step=step, head=head)
-
-
-def save_run(workdir: str, config, centers: np.ndarray, params: dict, step: int = 0) -> None:
-  """Writes a params-only run (config.json, palette.npy, checkpoints/<step>/params).
-
-  For models that were not trained here (an imported checkpoint); `load_run` reads it.
-  """
-  model_cfg = model_config(config)
-  centers = palette.check_palette(centers, "the palette")
-  palette.check_fits(centers, model_cfg.vocab_size, "the palette")
-  expected = jax.tree.map(lambda s: s.shape, abstract_params(model_cfg))
-  got = jax.tree.map(np.shape, params)
-  if expected != got:
-    raise ValueError(f"params do not match the config's model {model_cfg}.")
   os.makedirs(workdir, exist_ok=True)
-  config_json = config_to_json(config)
-  write_config(workdir, config_json)
-  palette.save_palette(path(workdir, PALETTE_FILE), centers)
-  with checkpointer(workdir) as ckpt:
-    ckpt.save(step, {"params": jax.tree.map(jax.numpy.asarray, params)},
-              {"data": {"next_step": step, "seed": config.seed}, "config": config_json})
+  palette_path = path(workdir, PALETTE_FILE)
+  data = spec.data
+  given, vocab_size = data.palette_path, spec.model.vocab_size
+  if os.path.exists(palette_path):
+    centers = palette.load_palette(palette_path)
+    if given and not np.array_equal(palette.load_palette(given), centers):
+      raise workdirs.WorkdirError(
+          f"{palette_path} (the run's palette) differs from data.palette_path={given!r}; "
+          "resume with the same palette or use a fresh workdir.")
+    logging.info("Palette: reusing %s (%d colours).", palette_path, len(centers))
+  elif given:
+    centers = palette.load_palette(given)
+    palette.check_fits(centers, vocab_size, f"the palette {given}")  # before the copy
+    palette.save_palette(palette_path, centers)  # atomic: a kill never leaves half a file
+    logging.info("Palette: %s (%d colours), copied to %s.", given, len(centers), palette_path)
+  else:
+    t0 = time.time()
+    centers = pipeline.fit_palette(train_source, data.palette_size, data.palette_fit_pixels,
+                                   spec.config.seed)
+    palette.save_palette(palette_path, centers)
+    logging.info("Palette: fitted %d colours on %d pixels in %.1fs, saved to %s.",
+                 len(centers), data.palette_fit_pixels, time.time() - t0, palette_path)
+  palette.check_fits(centers, vocab_size, f"the palette {palette_path}")
+  return np.asarray(centers, np.float32)
+
+
+class TrainingRun:
+  """A run folder opened for training (by `open_for_training`): locked, its config checked
+  and written, its palette ready, its checkpoints open. Every write the trainer makes goes
+  through here or to one of its paths."""
+
+  def __init__(self, workdir: str, spec, data, centers: np.ndarray, ckpt: Checkpointer,
+               read_only: Exception | None):
+    self.workdir, self.spec, self.data, self.palette = workdir, spec, data, centers
+    self.ckpt, self._read_only = ckpt, read_only
+    self.is_writer = jax.process_index() == 0
+    self.config_json = spec.to_json()
+    self.metrics = metrics.MetricsWriter(path(workdir, METRICS_FILE), enabled=self.is_writer)
+    self.profile_dir = path(workdir, PROFILE_DIR)
+
+  def restore(self, abstract_state) -> tuple[int, dict | None, dict]:
+    """(start step, state, extra) of the newest checkpoint that reads whole, or (0, None, {}).
+
+    Damaged checkpoints are moved aside; one made with another model or data stops the run.
+    """
+    def check_extra(step: int, extra: dict) -> None:
+      workdirs.check_identity(extra["config"], self.config_json, self.workdir,
+                              f"checkpoint {step}")
+
+    saved, state, extra = workdirs.restore_newest(self.ckpt, abstract_state, check_extra,
+                                                  logging.info)
+    if saved is None:
+      return 0, None, {}
+    start_step = int(extra["data"]["next_step"])
+    if start_step != int(jax.device_get(state["step"])):
+      raise UserError(f"checkpoint {saved} is inconsistent: state step "
+                      f"{int(jax.device_get(state['step']))}, data position {start_step}.")
+    logging.info("Resumed from checkpoint step %d in %s.", saved, self.ckpt.directory)
+    return start_step, state, extra
+
+  def begin(self, start_step: int) -> None:
+    """Called before the first write: only a finished run can be evaluated from a read-only
+    folder; records past `start_step` (logged after the checkpoint resumed) are dropped."""
+    if self._read_only is not None and start_step < self.spec.train.total_steps:
+      raise self._read_only
+    self.metrics.truncate_after(start_step)
+
+  def tensorboard(self, start_step: int) -> summaries.SummaryWriter:
+    """The TensorBoard writer, dropping what a killed run wrote past `start_step`."""
+    return summaries.SummaryWriter(path(self.workdir, TENSORBOARD_DIR), enabled=self.is_writer,
+                                   purge_step=start_step + 1)
+
+  def sample_path(self, step: int) -> str:
+    return os.path.join(path(self.workdir, SAMPLES_DIR), f"step_{step:07d}.png")
+
+  def save(self, step: int, state, extra: dict) -> None:
+    """Starts saving checkpoint `step`; a failed earlier background save stops the run here."""
+    try:
+      self.ckpt.check_for_errors()
+      self.ckpt.save(step, state, extra)
+    except Exception as e:
+      if workdirs.is_write_failure(e):
+        raise workdirs.write_error(e, self.ckpt.directory) from e
+      raise
+
+  def best(self) -> "BestParams":
+    return BestParams(path(self.workdir, BEST_DIR))
+
+
+@contextlib.contextmanager
+def open_for_training(spec, workdir: str, open_data):
+  """Opens `workdir` for training the checked `spec`; yields a `TrainingRun`.
+
+  `open_data()` -> the run's (train, val) sources: for a new run it is called before the
+  folder is created, so a missing dataset leaves nothing behind. The folder is locked for the
+  block (a second run on it fails at once; a read-only copy of a finished run can still be
+  evaluated). A run already in the folder must have the same model and data (checked before
+  anything is written). A refused write anywhere in the block (disk full, read-only,
+  permission) raises workdir.WorkdirError naming the path.
+  """
+  data = None if os.path.exists(workdir) else open_data()
+  is_writer = jax.process_index() == 0
+  lock = (workdirs.lock(workdir, LOCK_FILE, required=False) if is_writer
+          else contextlib.nullcontext(None))
+  with lock as read_only:
+    try:
+      config_json = spec.to_json()
+      check_stored_config(workdir, config_json)
+      data = data or open_data()  # readable before any write
+      if is_writer:
+        write_config(workdir, config_json)
+      # Batches are a pure function of (seed, step) and this palette: resuming is exact.
+      centers = prepare_palette(spec, data[0], workdir) if is_writer else None
+      centers = distributed.broadcast_rows_from_process_0(centers, 3)
+      # Closing waits for in-flight async saves, so the last good checkpoint is complete even
+      # when training stops on a NaN (a SIGKILL loses only the save in flight).
+      with checkpointer(workdir, keep=spec.train.keep_checkpoints) as ckpt:
+        yield TrainingRun(workdir, spec, data, centers, ckpt, read_only)
+    except workdirs.WorkdirError:
+      raise
+    except Exception as e:
+      if workdirs.is_write_failure(e, workdir):
+        raise workdirs.write_error(e, workdir) from e
+      raise
+
+
+class BestParams:
+  """The params of a run's best validation accuracy, kept in `<workdir>/best`."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    record = {}  # survives a resume
+    record_path = os.path.join(directory, BEST_FILE)
+    if os.path.isfile(record_path):
+      with open(record_path) as f:
+        record = json.load(f)
+    self.best, self.step = record.get("eval_accuracy", -1.0), record.get("step")
+
+  def _checkpointer(self) -> Checkpointer:
+    return Checkpointer(os.path.join(self.directory, CHECKPOINT_DIR), keep=1)
+
+  def update(self, step: int, accuracy: float, params) -> bool:
+    """Saves `params` if `accuracy` beats the best so far; returns whether it did."""
+    if accuracy <= self.best:
+      return False
+    self.best, self.step = accuracy, step
+    with self._checkpointer() as ckpt:
+      ckpt.save(step, {"params": params}, {"eval_accuracy": accuracy}, force=True)
+    if jax.process_index() == 0:
+      with fileio.atomic_open(os.path.join(self.directory, BEST_FILE)) as f:
+        json.dump({"step": step, "eval_accuracy": accuracy}, f)
+    return True
+
+  def restore(self, abstract_params):
+    """The best params saved so far, laid out as `abstract_params`."""
+    with self._checkpointer() as ckpt:
+      state, _ = ckpt.restore(ckpt.latest_step(), {"params": abstract_params})
+    return state["params"]

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from igpt import model, sharding
+from igpt.errors import UserError
 from igpt.model import ModelConfig
 
 # Cache lengths grow in segments of about seq_len / SEGMENTS positions (at least
@@ -50,14 +51,14 @@ class Settings:
   def check(self, vocab_size: int | None = None) -> "Settings":
     """Returns self; a ValueError naming the bad setting otherwise."""
     if not self.greedy and not self.temperature > 0:
-      raise ValueError(f"temperature={self.temperature} must be > 0 (or set greedy=True for "
-                       "the most likely token).")
+      raise UserError(f"temperature={self.temperature} must be > 0 (or set greedy=True for "
+                      "the most likely token).")
     if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 = off).")
+      raise UserError(f"top_p={self.top_p} must be in (0, 1] (1 = off).")
     if self.top_k < 0:
-      raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off).")
+      raise UserError(f"top_k={self.top_k} must be >= 0 (0 = off).")
     if vocab_size is not None and self.top_k > vocab_size:
-      raise ValueError(f"top_k={self.top_k} exceeds the model's {vocab_size} tokens.")
+      raise UserError(f"top_k={self.top_k} exceeds the model's {vocab_size} tokens.")
     return self
 
 
@@ -110,7 +111,7 @@ def segment_ends(seq_len: int, segment_len: int | None = None) -> list[int]:
   if segment_len is None:
     segment_len = max(MIN_SEGMENT_LEN, math.ceil(seq_len / SEGMENTS))
   if segment_len < 1:
-    raise ValueError(f"segment_len={segment_len} must be >= 1.")
+    raise UserError(f"segment_len={segment_len} must be >= 1.")
   return list(range(segment_len, seq_len, segment_len)) + [seq_len]
 
 
@@ -136,7 +137,7 @@ def _segment(cfg: ModelConfig, params, cache, tokens_BxL, rng, start, begin: int
   """
   cache = model.pad_cache(cache, stop)
   noise_SxBxV = gumbel_noise(rng, tokens_BxL.shape[0], cfg.vocab_size, begin, stop)
-  params = model.fuse_qkv(params)  # once per segment, not per step
+  params = model.decode_params(params)  # once per segment, not per step
 
   def step(p, carry):
     cache, tokens_BxL = carry
@@ -180,20 +181,20 @@ def sample(cfg: ModelConfig, params, prompt_BxN, rng, settings: Settings = Setti
   after the prefill and after each segment with the positions done so far.
   """
   if not cfg.causal:
-    raise ValueError("sampling needs a causal (autoregressive) model; this one is bidirectional.")
+    raise UserError("sampling needs a causal (autoregressive) model; this one is bidirectional.")
   settings = settings.check(cfg.vocab_size)
   if prompt_BxN is None:
     if not batch_size:
-      raise ValueError("give a prompt or a batch_size for unconditional samples.")
+      raise UserError("give a prompt or a batch_size for unconditional samples.")
     prompt_BxN = np.zeros((batch_size, 0), np.int32)
   prompt_BxN = jnp.asarray(prompt_BxN, jnp.int32)
   batch, num_prompt = prompt_BxN.shape
   length = cfg.seq_len
   if num_prompt > length:
-    raise ValueError(f"the prompt has {num_prompt} tokens but the model has {length} positions.")
+    raise UserError(f"the prompt has {num_prompt} tokens but the model has {length} positions.")
   if mesh is not None and batch % sharding.data_parallel_size(mesh):
-    raise ValueError(f"batch {batch} does not split over {sharding.data_parallel_size(mesh)} "
-                     "devices; use a multiple of the device count.")
+    raise UserError(f"batch {batch} does not split over {sharding.data_parallel_size(mesh)} "
+                    "devices; use a multiple of the device count.")
   tokens_BxL = jnp.pad(prompt_BxN, ((0, 0), (0, length - num_prompt)))
   params, prompt_BxN, tokens_BxL = _place(params, prompt_BxN, tokens_BxL, mesh)
 

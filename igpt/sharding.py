@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from igpt.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Flax resolves rules in order, giving each mesh axis to the first logical dimension of an
@@ -46,14 +48,14 @@ BATCH_AXES = ("data", "fsdp")
 def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
   """The default rules with any `config.sharding_rules` entries replacing theirs by name."""
   overrides = {}
-  for entry in config.get("sharding_rules", ()) or ():
+  for entry in config.sharding_rules or ():
     logical, mesh_axes = entry
     if isinstance(mesh_axes, list):
       mesh_axes = tuple(mesh_axes)
     for axis in (mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)):
       if axis is not None and axis not in MESH_AXES:
-        raise ValueError(f"sharding_rules: {logical!r} -> {axis!r} is not a mesh axis "
-                         f"(one of {MESH_AXES}).")
+        raise UserError(f"sharding_rules: {logical!r} -> {axis!r} is not a mesh axis "
+                        f"(one of {MESH_AXES}).")
     overrides[logical] = mesh_axes
   rules = [(name, overrides.pop(name, axes)) for name, axes in DEFAULT_RULES]
   return tuple(rules) + tuple(overrides.items())
@@ -66,24 +68,24 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   """
   unknown = set(mesh_config.keys()) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; use {MESH_AXES}.")
+    raise UserError(f"config.mesh has unknown axes {sorted(unknown)}; use {MESH_AXES}.")
   sizes = {axis: int(mesh_config.get(axis, 1)) for axis in MESH_AXES}
   free = [axis for axis, size in sizes.items() if size == -1]
   if len(free) > 1:
-    raise ValueError(f"config.mesh={sizes}: at most one axis may be -1 (all remaining devices).")
+    raise UserError(f"config.mesh={sizes}: at most one axis may be -1 (all remaining devices).")
   if any(size == 0 or size < -1 for size in sizes.values()):
-    raise ValueError(f"config.mesh={sizes}: sizes must be positive or -1.")
+    raise UserError(f"config.mesh={sizes}: sizes must be positive or -1.")
   fixed = math.prod(size for size in sizes.values() if size != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(
-          f"config.mesh={sizes}: the fixed axes multiply to {fixed}, which does not divide the "
-          f"{num_devices} devices available.")
+      raise UserError(
+                      f"config.mesh={sizes}: the fixed axes multiply to {fixed}, which does not divide the "
+                      f"{num_devices} devices available.")
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
-    raise ValueError(
-        f"config.mesh={sizes} needs {fixed} devices but {num_devices} are available; "
-        "make the sizes multiply to the device count or set one axis to -1.")
+    raise UserError(
+                    f"config.mesh={sizes} needs {fixed} devices but {num_devices} are available; "
+                    "make the sizes multiply to the device count or set one axis to -1.")
   return sizes
 
 

@@ -24,7 +24,7 @@ class TrainingSamples:
   def __init__(self, model_cfg: ModelConfig, centers: np.ndarray, val_source, num_images: int,
                seed: int):
     self.cfg, self.centers, self.num_images = model_cfg, centers, num_images
-    self.side = int(round(model_cfg.seq_len ** 0.5))
+    self.side = model_cfg.image_side
     prompt_len = (self.side // 2) * self.side
     count = min(num_images, len(val_source))
     self.originals_BxL = pipeline.token_batch(val_source, centers, np.arange(count))["tokens"]

@@ -1,7 +1,7 @@
 """Keeping a run folder whole: one run at a time, config identity on resume, damaged
 checkpoints set aside, and write failures reported as one line.
 
-  with workdir.lock(path):           # a second run on `path` fails at once
+  with workdir.lock(path, ".lock"):  # a second run on `path` fails at once
     workdir.check_identity(stored_config, config, path, "checkpoint 8")   # same model, data
     step, state, extra = workdir.restore_newest(ckpt, abstract_state, on_extra, log)
 """
@@ -13,27 +13,11 @@ import errno
 import fcntl
 import os
 import socket
-import sys
-import threading
 import time
 
+from igpt import config as config_lib
 from igpt.checkpoint import TreeMismatchError
-
-LOCK_FILE = ".lock"
-
-# Config fields that may change between a run and its resume: they change neither the model
-# nor the data stream, only how long the run goes, what it reports and where it runs.
-SAFE_FIELDS = (
-    "train.total_steps", "train.log_every_steps", "train.eval_every_steps",
-    "train.eval_batches", "train.checkpoint_every_steps", "train.keep_checkpoints",
-    "train.peak_flops_per_device", "train.grad_accum_steps", "train.profile_start_step",
-    "train.profile_num_steps", "train.sample_every_steps", "train.sample_num_images",
-    "guard.", "mesh.",
-    "sharding_rules", "distributed", "model.attention", "model.remat", "data.data_dir",
-    "data.test_split",
-    # The palette file itself is compared by content (train.prepare_palette).
-    "data.palette_path",
-)
+from igpt.errors import UserError
 
 # OS errors that mean "this folder cannot be written", not a bug.
 WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO)
@@ -42,7 +26,7 @@ WRITE_REASONS = ("No space left on device", "Read-only file system", "Permission
                  "Disk quota exceeded")
 
 
-class WorkdirError(ValueError):
+class WorkdirError(UserError):
   """The workdir cannot be used as asked (in use, another config, unwritable, damaged)."""
 
 
@@ -50,8 +34,8 @@ class WorkdirError(ValueError):
 
 
 @contextlib.contextmanager
-def lock(workdir: str, required: bool = True):
-  """Holds an exclusive advisory lock on `workdir` for the block.
+def lock(workdir: str, lock_file: str, required: bool = True):
+  """Holds an exclusive advisory lock on `workdir` (through `workdir/lock_file`) for the block.
 
   The lock file records the holder's host and pid. The OS drops an flock when its process
   dies, so the lock of a killed run is simply taken over. Yields None once the lock is held.
@@ -59,7 +43,7 @@ def lock(workdir: str, required: bool = True):
   yields the WorkdirError saying why, for a caller that may need no writes to go on.
   """
   make_workdir(workdir)
-  path = os.path.join(workdir, LOCK_FILE)
+  path = os.path.join(workdir, lock_file)
   try:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
   except OSError as e:
@@ -138,30 +122,21 @@ def is_write_failure(e: BaseException, workdir: str | None = None) -> bool:
 # ------------------------------------------------------------------------------ config identity
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-  """{'a.b': value} for a nested config dict."""
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, dict):
-      out.update(flatten(value, name + "."))
-    else:
-      out[name] = value
-  return out
-
-
-def _is_safe(field: str) -> bool:
-  return any(field == s or (s.endswith(".") and field.startswith(s)) for s in SAFE_FIELDS)
-
-
 def config_changes(stored: dict, current: dict) -> tuple[list[str], list[str]]:
-  """(unsafe, safe) descriptions of the fields that differ between two config dicts."""
-  old, new = flatten(stored), flatten(current)
+  """(unsafe, safe) descriptions of the fields that differ between two config dicts.
+
+  Safe fields are those the config schema declares may change on resume; a field the stored
+  config lacks (written before the field existed) counts as holding its default.
+  """
+  defaults = config_lib.default_fields()
+  old, new = config_lib.flatten(stored), config_lib.flatten(current)
   unsafe, safe = [], []
   for field in sorted(old.keys() | new.keys()):
-    a, b = old.get(field, "<unset>"), new.get(field, "<unset>")
+    a = old.get(field, defaults.get(field, "<unset>"))
+    b = new.get(field, defaults.get(field, "<unset>"))
     if a != b:
-      (safe if _is_safe(field) else unsafe).append(f"{field}: {a!r} -> {b!r}")
+      (safe if config_lib.may_change_on_resume(field) else unsafe).append(
+          f"{field}: {a!r} -> {b!r}")
   return unsafe, safe
 
 
@@ -171,9 +146,9 @@ def check_identity(stored: dict, current: dict, workdir: str, source: str) -> li
   unsafe, safe = config_changes(stored, current)
   if unsafe:
     raise WorkdirError(
-        f"the config differs from the run in {workdir} ({source}) in fields that change the "
-        f"model or the data: {'; '.join(unsafe)}. Resume with the same values (the run's "
-        f"config.json), or start a new run in another --workdir.")
+                       f"the config differs from the run in {workdir} ({source}) in fields that change the "
+                       f"model or the data: {'; '.join(unsafe)}. Resume with the same values (the run's "
+                       f"config.json), or start a new run in another --workdir.")
   return safe
 
 
@@ -206,34 +181,6 @@ def one_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
-def _is_orbax_teardown_noise(exc) -> bool:
-  # A failed Orbax read or save leaves TensorStore operations in flight; when they finish,
-  # their callbacks find the event loop closed or their coroutine abandoned and print a
-  # traceback each.
-  return (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)) or (
-      "Encountered error while reading array index" in str(exc))
-
-
-def quiet_orbax_teardown() -> None:
-  """Keeps the tracebacks of a failed read's or save's stray callbacks off the console."""
-  if getattr(sys.excepthook, "_igpt_quiet", False):
-    return
-  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
-
-  def quiet_excepthook(kind, exc, tb):
-    # The callbacks run on TensorStore's threads; the main thread's own errors always print.
-    stray = threading.current_thread() is not threading.main_thread()
-    if not (stray and _is_orbax_teardown_noise(exc)):
-      excepthook(kind, exc, tb)
-
-  def quiet_unraisablehook(unraisable):
-    if not _is_orbax_teardown_noise(unraisable.exc_value):
-      unraisablehook(unraisable)
-
-  quiet_excepthook._igpt_quiet = True
-  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
-
-
 def restore_newest(ckpt, abstract_state, on_extra, log, required=("data", "config")):
   """(step, state, extra) of the newest checkpoint that reads whole, or (None, None, None).
 
@@ -247,7 +194,7 @@ def restore_newest(ckpt, abstract_state, on_extra, log, required=("data", "confi
       extra = ckpt.read_extra(step)
       missing = [k for k in required if k not in (extra or {})]
       if missing:
-        raise ValueError(f"its extra item lacks {missing}")
+        raise UserError(f"its extra item lacks {missing}")
     except Exception as e:  # noqa: BLE001  (any unreadable extra is damage)
       move_aside(ckpt, step, one_line(e), log)
       continue
@@ -257,7 +204,6 @@ def restore_newest(ckpt, abstract_state, on_extra, log, required=("data", "confi
     except TreeMismatchError:
       raise  # another model (e.g. a params-only import), not a damaged file
     except Exception as e:  # noqa: BLE001
-      quiet_orbax_teardown()
       move_aside(ckpt, step, one_line(e), log)
       continue
     return step, state, extra

@@ -17,6 +17,7 @@ from PIL import Image
 from igpt import config as config_lib
 from igpt import pipeline, readers
 from igpt import palette
+from igpt.errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 GREY_PALETTE = np.linspace(-1, 1, 16, dtype=np.float32)[:, None].repeat(3, 1)
@@ -150,7 +151,7 @@ def test_tfds_download_failure_is_explained(tmp_path, monkeypatch):
 
   monkeypatch.setattr(tfds, "data_source", fail)
   cfg = _cfg(source="tfds", name="cifar10", data_dir=str(tmp_path))
-  with pytest.raises(RuntimeError) as e:
+  with pytest.raises(UserError) as e:
     readers.make_source(cfg, "test", 32)
   message = str(e.value)
   assert "cifar10" in message and str(tmp_path) in message
@@ -160,14 +161,14 @@ def test_tfds_download_failure_is_explained(tmp_path, monkeypatch):
     raise ModuleNotFoundError("No module named 'importlib_resources'", name="importlib_resources")
 
   monkeypatch.setattr(tfds, "data_source", missing_module)
-  with pytest.raises(RuntimeError, match="pip install importlib_resources"):
+  with pytest.raises(UserError, match="pip install importlib_resources"):
     readers.make_source(cfg, "test", 32)
 
   def needs_tensorflow(*args, **kwargs):
     raise ModuleNotFoundError("In <Image> with name \"image\": No module named 'tensorflow'")
 
   monkeypatch.setattr(tfds, "data_source", needs_tensorflow)
-  with pytest.raises(RuntimeError, match="encodes images with TensorFlow"):
+  with pytest.raises(UserError, match="encodes images with TensorFlow"):
     readers.make_source(cfg, "test", 32)
 
 

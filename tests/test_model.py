@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from igpt import config as igpt_config
-from igpt import kernels, model, run
+from igpt import kernels, model, spec
 
 # A small model: 2 layers, width 64, 4 heads, 4x4 images.
 SMALL = model.ModelConfig(num_layers=2, d_model=64, num_heads=4, seq_len=16)
@@ -122,7 +122,7 @@ PAPER_COUNTS = {"s": 76_571_648, "m": 455_157_760, "l": 1_362_250_752, "xl": 6_8
 
 @pytest.mark.parametrize("size", sorted(PAPER_COUNTS))
 def test_paper_param_counts(size):
-  cfg = run.model_config(igpt_config.paper_config(size))
+  cfg = spec.model_config(igpt_config.paper_config(size))
   assert model.param_count(cfg) == PAPER_COUNTS[size]
 
 
@@ -130,7 +130,7 @@ def test_small_count_formula_pieces():
   """iGPT-S piece by piece. Per block 12 d^2 + 2 d (q, k, v, c_proj: 4 d^2; MLP 8 d^2; two
   gains); wte + wtet 2*512*d; wpe n*d; sos d and ln_f d. The spec writes the last term as
   `+ d`, which gives 76,571,136; both d-sized vectors are needed for 76,571,648."""
-  cfg = run.model_config(igpt_config.paper_config("s"))
+  cfg = spec.model_config(igpt_config.paper_config("s"))
   d, layers, n = cfg.d_model, cfg.num_layers, cfg.seq_len
   assert (d, layers, n, cfg.num_heads) == (512, 24, 1024, 8)
   shapes = _shapes(cfg)
@@ -145,7 +145,7 @@ def test_small_count_formula_pieces():
 
 
 def test_bert_variant_has_no_sos():
-  cfg = run.model_config(igpt_config.paper_config("s"))
+  cfg = spec.model_config(igpt_config.paper_config("s"))
   bert = model.ModelConfig(**dict(vars(cfg), causal=False))
   assert model.param_count(bert) == model.param_count(cfg) - cfg.d_model
 

@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 from absl import flags
 
-from igpt import model, openai_release
-from igpt import import_openai
+from igpt import model
+from igpt.commands import import_openai
+from igpt.convert import openai_tf
+from igpt.readers import openai_npy
 from test_parity import RTOL, _fixture_module, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -217,7 +219,7 @@ def test_checkpoint_is_sharded_like_the_release(ar_release):
 
 def test_ar_checkpoint_matches_release_graph(ar_release, tokens):
   prefix, variables = ar_release
-  cfg, params = openai_release.load_tf_checkpoint(prefix)
+  cfg, params = openai_tf.load_tf_checkpoint(prefix)
   assert cfg == model.ModelConfig(num_layers=2, d_model=32, num_heads=4, seq_len=16)
   init = jax.eval_shape(lambda key: model.init_params(cfg, key), jax.random.key(0))
   assert jax.tree.structure(params) == jax.tree.structure(init)
@@ -225,12 +227,12 @@ def test_ar_checkpoint_matches_release_graph(ar_release, tokens):
     assert got.shape == want.shape and got.dtype == np.float32
   errs = release_errors(cfg, params, variables, tokens[:, :16])
   assert max(errs.values()) <= RTOL, errs
-  assert openai_release.checkpoint_step(prefix) == STEP
+  assert openai_tf.checkpoint_step(prefix) == STEP
 
 
 def test_bert_checkpoint_matches_release_graph(bert_release, tokens):
   prefix, variables = bert_release
-  cfg, params = openai_release.load_tf_checkpoint(prefix)
+  cfg, params = openai_tf.load_tf_checkpoint(prefix)
   assert cfg == model.ModelConfig(num_layers=3, d_model=24, num_heads=3, seq_len=64,
                                   causal=False)
   assert "sos" not in params
@@ -244,30 +246,30 @@ def test_bert_checkpoint_matches_release_graph(bert_release, tokens):
 ], ids=["reshape-without-transpose", "heads-and-head-dim-swapped"])
 def test_wrong_qkv_mapping_fails_the_check(ar_release, tokens, monkeypatch, wrong):
   prefix, variables = ar_release
-  monkeypatch.setattr(openai_release, "qkv_to_ours", wrong)
-  cfg, params = openai_release.load_tf_checkpoint(prefix)
+  monkeypatch.setattr(openai_tf, "qkv_to_ours", wrong)
+  cfg, params = openai_tf.load_tf_checkpoint(prefix)
   errs = release_errors(cfg, params, variables, tokens[:, :16])
   assert errs["logits"] > 1e-2 and errs["block_0"] > 1e-2, errs
 
 
 def test_checkpoint_files_given_other_ways(ar_release):
   prefix, _ = ar_release
-  assert openai_release.resolve_prefix(prefix + ".index") == prefix
-  assert openai_release.resolve_prefix(prefix + ".data-00001-of-00003") == prefix
-  assert openai_release.resolve_prefix(os.path.dirname(prefix)) == prefix
+  assert openai_tf.resolve_prefix(prefix + ".index") == prefix
+  assert openai_tf.resolve_prefix(prefix + ".data-00001-of-00003") == prefix
+  assert openai_tf.resolve_prefix(os.path.dirname(prefix)) == prefix
 
 
 def test_missing_tensorflow_names_the_extra(ar_release, monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow", None)  # makes `import tensorflow` fail
   with pytest.raises(ImportError, match=r'pip install -e "\.\[openai\]"'):
-    openai_release.load_tf_checkpoint(ar_release[0])
+    openai_tf.load_tf_checkpoint(ar_release[0])
 
 
 def test_wrong_prefix_and_missing_shard(tmp_path, ar_release):
   with pytest.raises(FileNotFoundError, match=r"nope/model\.ckpt-5.*\.index.*\.data-00000"):
-    openai_release.load_tf_checkpoint(str(tmp_path / "nope" / "model.ckpt-5"))
+    openai_tf.load_tf_checkpoint(str(tmp_path / "nope" / "model.ckpt-5"))
   with pytest.raises(FileNotFoundError, match="0 checkpoints"):
-    openai_release.load_tf_checkpoint(str(tmp_path))
+    openai_tf.load_tf_checkpoint(str(tmp_path))
   prefix, _ = ar_release
   partial = tmp_path / "partial"
   partial.mkdir()
@@ -275,7 +277,7 @@ def test_wrong_prefix_and_missing_shard(tmp_path, ar_release):
     if not f.endswith("data-00001-of-00003"):
       os.symlink(os.path.join(os.path.dirname(prefix), f), partial / f)
   with pytest.raises(FileNotFoundError, match=r"shard .*model\.ckpt-1000000\.data-00001-of-00003"):
-    openai_release.load_tf_checkpoint(str(partial / f"model.ckpt-{STEP}"))
+    openai_tf.load_tf_checkpoint(str(partial / f"model.ckpt-{STEP}"))
 
 
 def _shapes(variables):
@@ -285,7 +287,7 @@ def _shapes(variables):
 def test_layout_errors_name_the_variable():
   """Shape-level checks, without TensorFlow (the same calls load_tf_checkpoint makes)."""
   good = _shapes(release_variables(**AR_SHAPE))
-  check = lambda s: openai_release.check_variables(openai_release.infer_config(s), s)
+  check = lambda s: openai_tf.check_variables(openai_tf.infer_config(s), s)
   check(good)
   gpt2 = {"wte": (512, 32), "wpe": (16, 32), "h0/attn/c_attn/w": (1, 32, 96),
           "h0/ln_1/g": (32,), "h0/ln_1/b": (32,), "ln_f/g": (32,), "ln_f/b": (32,)}
@@ -309,7 +311,7 @@ def test_layout_errors_name_the_variable():
 
 
 def test_training_state_is_recognised():
-  skip = openai_release.is_training_state
+  skip = openai_tf.is_training_state
   assert all(map(skip, ["global_step", "beta1_power", "model/wte/Adam", "model/wte/Adam_1",
                         "model/h3/attn/q_proj/adam_v", "model/h0/ln_1/g/adam_m"]))
   assert not any(map(skip, ["model/wte", "model/h0/attn/q_proj", "model/adam"]))
@@ -323,7 +325,7 @@ def test_gpt2_checkpoint_is_refused(tmp_path):
   prefix = write_tf1_checkpoint(tmp_path, {k: v.astype(np.float32) for k, v in gpt2.items()},
                                 shards=1)
   with pytest.raises(ValueError, match="not an iGPT checkpoint"):
-    openai_release.load_tf_checkpoint(prefix)
+    openai_tf.load_tf_checkpoint(prefix)
 
 
 # ----------------------------------------------------------------------------- token files
@@ -343,7 +345,7 @@ def _write_tokens(folder, name="cifar10", tag="tr", n=6, side=4, classes=10, see
 def test_token_source_returns_exact_tokens_and_labels(tmp_path):
   x, labels = _write_tokens(tmp_path)
   vx, vlabels = _write_tokens(tmp_path, tag="va", n=4, seed=1, x_dtype=np.int64, y_dtype=np.uint8)
-  src = openai_release.token_source(str(tmp_path), "cifar10", "train")
+  src = openai_npy.token_source(str(tmp_path), "cifar10", "train")
   assert (len(src), src.image_side, src.num_classes) == (6, 4, 10)
   assert isinstance(src._tokens, np.memmap)  # not read into memory
   assert "cifar10 train" in src.description
@@ -352,7 +354,7 @@ def test_token_source_returns_exact_tokens_and_labels(tmp_path):
   np.testing.assert_array_equal(got_x, x[[5, 0, 2]])
   np.testing.assert_array_equal(got_y, labels[[5, 0, 2]])
   # The release's own way: a path prefix.
-  val = openai_release.token_source(str(tmp_path / "cifar10"), split="val")
+  val = openai_npy.token_source(str(tmp_path / "cifar10"), split="val")
   np.testing.assert_array_equal(val.get_tokens(np.arange(4))[0], vx)
   np.testing.assert_array_equal(val.get_tokens(np.arange(4))[1], vlabels)
   with pytest.raises(IndexError, match=r"\[0, 6\)"):
@@ -374,7 +376,7 @@ def test_token_source_errors(tmp_path, x, y, match):
   np.save(tmp_path / "cifar10_teX.npy", x)
   np.save(tmp_path / "cifar10_teY.npy", y)
   with pytest.raises(ValueError, match=match) as info:
-    openai_release.token_source(str(tmp_path), "cifar10", "test")
+    openai_npy.token_source(str(tmp_path), "cifar10", "test")
   assert "cifar10_teX.npy" in str(info.value)
 
 
@@ -382,8 +384,8 @@ def test_large_token_files_are_checked_per_batch(tmp_path, monkeypatch):
   x, _ = _write_tokens(tmp_path, n=8)
   x[5, 3] = 700
   np.save(tmp_path / "cifar10_trX.npy", x)
-  monkeypatch.setattr(openai_release, "_EAGER_CHECK_BYTES", 0)
-  src = openai_release.token_source(str(tmp_path), "cifar10", "train")  # no full scan
+  monkeypatch.setattr(openai_npy, "_EAGER_CHECK_BYTES", 0)
+  src = openai_npy.token_source(str(tmp_path), "cifar10", "train")  # no full scan
   src.get_tokens([0, 1, 7])
   with pytest.raises(ValueError, match=r"image 5 has a token outside \[0, 512\) .*max 700"):
     src.get_tokens([1, 5])
@@ -393,25 +395,25 @@ def test_token_source_missing_file_and_bad_split(tmp_path):
   _write_tokens(tmp_path)
   os.remove(tmp_path / "cifar10_trY.npy")
   with pytest.raises(FileNotFoundError, match=r"cifar10_trY\.npy"):
-    openai_release.token_source(str(tmp_path), "cifar10", "train")
+    openai_npy.token_source(str(tmp_path), "cifar10", "train")
   with pytest.raises(FileNotFoundError, match=r"imagenet_vaX\.npy"):
-    openai_release.token_source(str(tmp_path), "imagenet", "val")
+    openai_npy.token_source(str(tmp_path), "imagenet", "val")
   with pytest.raises(ValueError, match="split='valid'"):
-    openai_release.token_source(str(tmp_path), "cifar10", "valid")
+    openai_npy.token_source(str(tmp_path), "cifar10", "valid")
   with pytest.raises(ValueError, match="name the dataset"):
-    openai_release.token_source(str(tmp_path), None, "train")
+    openai_npy.token_source(str(tmp_path), None, "train")
   (tmp_path / "cifar10_teX.npy").write_bytes(b"not an array")
   _write_tokens(tmp_path, tag="te")
   (tmp_path / "cifar10_teY.npy").write_bytes(b"not an array")
   with pytest.raises(ValueError, match=r"cifar10_teY\.npy' is not a readable \.npy"):
-    openai_release.token_source(str(tmp_path), "cifar10", "test")
+    openai_npy.token_source(str(tmp_path), "cifar10", "test")
 
 
 # ----------------------------------------------------------------------------- the command
 
 
 def _fake_run_module(fail_after_first_file=False):
-  """Stands in for igpt.run: save_run writes the files it is given, as plain .npy/.json."""
+  """Stands in for igpt.trained: save_run writes the files it is given, as plain .npy/.json."""
   saved = {}
 
   def save_run(workdir, config, palette_centers, params, step):
@@ -429,19 +431,29 @@ def _fake_run_module(fail_after_first_file=False):
 def fake_run(monkeypatch):
   import igpt
   fake, saved = _fake_run_module()
-  monkeypatch.setitem(sys.modules, "igpt.run", fake)
-  monkeypatch.setattr(igpt, "run", fake, raising=False)
+  monkeypatch.setitem(sys.modules, "igpt.trained", fake)
+  monkeypatch.setattr(igpt, "trained", fake, raising=False)
   return saved
 
 
+COMMAND_FLAGS = ("checkpoint", "palette", "out", "hf_out")
+
+
 def cli(argv):
-  """Runs the command in this process; its exit status (output: the caller's capsys)."""
+  """Runs the command in this process; its exit status (output: the caller's capsys).
+
+  The command's flags are defined for the call only, as the entry point defines them.
+  """
   flags.FLAGS.unparse_flags()
+  import_openai.define_flags()
   try:
     rest = import_openai.parse_flags(["import_openai", *argv])
     import_openai.main(rest)
   except SystemExit as e:
     return e.code
+  finally:
+    for name in COMMAND_FLAGS:
+      delattr(flags.FLAGS, name)
   return 0
 
 
@@ -467,7 +479,7 @@ def test_import_writes_run_folder(ar_release, palette_file, tmp_path, fake_run, 
   assert c.data.palette_path == palette_file
   assert fake_run["step"] == STEP
   np.testing.assert_array_equal(fake_run["palette"], np.load(palette_file))
-  _, params = openai_release.load_tf_checkpoint(prefix)
+  _, params = openai_tf.load_tf_checkpoint(prefix)
   jax.tree.map(np.testing.assert_array_equal, fake_run["params"], params)
 
 
@@ -533,8 +545,8 @@ def test_import_errors_are_one_line_and_leave_nothing(case, ar_release, bert_rel
   elif case == "disk-full":
     import igpt
     failing, _ = _fake_run_module(fail_after_first_file=True)
-    monkeypatch.setitem(sys.modules, "igpt.run", failing)
-    monkeypatch.setattr(igpt, "run", failing)
+    monkeypatch.setitem(sys.modules, "igpt.trained", failing)
+    monkeypatch.setattr(igpt, "trained", failing)
   before = sorted(os.listdir(work))
   code = cli([x for kv in args.items() for x in kv])
   _assert_one_line_error(capsys, code, match)
@@ -562,19 +574,25 @@ def test_command_line_error_in_a_fresh_process(tmp_path, palette_file):
   assert not os.path.exists(tmp_path / "out")
 
 
+def test_importing_the_command_defines_no_flags():
+  """Only running the entry point defines them, so other commands can share the names."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+  code = ("import igpt.import_openai, igpt.commands.import_openai\n"
+          "from absl import flags\n"
+          f"defined = [n for n in {COMMAND_FLAGS!r} if n in flags.FLAGS]\n"
+          "assert not defined, defined")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                        env=env, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+
+
 def test_imported_run_loads_back(ar_release, palette_file, tmp_path, tokens, capsys):
-  """Through the real igpt.run (skipped while this checkout has no save_run)."""
-  import igpt
-  run = pytest.importorskip("igpt.run")
-  if not hasattr(run, "save_run"):
-    pytest.skip("igpt.run has no save_run yet")
-  if os.path.dirname(run.__file__) != os.path.dirname(igpt.__file__):
-    # An editable install of another checkout can supply modules this one lacks.
-    pytest.skip(f"igpt.run comes from another checkout ({run.__file__})")
+  """Through the real igpt.trained."""
+  from igpt import trained  # noqa: PLC0415
   prefix, variables = ar_release
   out = tmp_path / "run"
   assert cli(["--checkpoint", prefix, "--palette", palette_file, "--out", str(out)]) == 0
-  loaded = run.load_run(str(out))
+  loaded = trained.load_run(str(out))
   assert loaded.step == STEP and loaded.model_cfg.causal
   np.testing.assert_array_equal(loaded.palette, np.load(palette_file))
   params = jax.tree.map(np.asarray, loaded.params)

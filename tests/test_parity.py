@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from igpt import convert, model
+from igpt import model
+from igpt.convert import hf as convert_hf
 
 RTOL = 1e-5
 # Jitted: op-by-op dispatch of an unjitted Flax forward is slower than compiling it.
@@ -82,7 +83,7 @@ def test_fixtures_present():
 @pytest.mark.parametrize("name", FIXTURES)
 def test_fixture_parity(name):
   state_dict, hf_config, x, ref = _load_fixture(name)
-  cfg, params = convert.params_from_hf_state_dict(state_dict, hf_config)
+  cfg, params = convert_hf.params_from_hf_state_dict(state_dict, hf_config)
   assert x.shape[0] >= 2 and x.shape[1] == cfg.seq_len
   assert_parity(cfg, params, x, ref)
 
@@ -90,7 +91,7 @@ def test_fixture_parity(name):
 @pytest.mark.parametrize("name", FIXTURES)
 def test_fixture_params_match_init_layout(name):
   state_dict, hf_config, _, _ = _load_fixture(name)
-  cfg, params = convert.params_from_hf_state_dict(state_dict, hf_config)
+  cfg, params = convert_hf.params_from_hf_state_dict(state_dict, hf_config)
   init = jax.eval_shape(lambda key: model.init_params(cfg, key), jax.random.key(0))
   assert jax.tree.structure(params) == jax.tree.structure(init)
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(init)):
@@ -101,7 +102,7 @@ def test_fixture_detects_layout_errors():
   """The comparison is sharp: a head-order or q/k mix-up in the converter would fail it."""
   name = FIXTURES[0]
   state_dict, hf_config, x, ref = _load_fixture(name)
-  cfg, params = convert.params_from_hf_state_dict(state_dict, hf_config)
+  cfg, params = convert_hf.params_from_hf_state_dict(state_dict, hf_config)
   swapped = jax.tree.map(np.copy, params)
   attn = swapped["h_0"]["attn"]
   attn["q"], attn["k"] = attn["k"], attn["q"]
@@ -115,8 +116,8 @@ def test_fixture_detects_layout_errors():
 @pytest.mark.parametrize("name", FIXTURES)
 def test_fixture_roundtrip_to_hf(name):
   state_dict, hf_config, _, _ = _load_fixture(name)
-  cfg, params = convert.params_from_hf_state_dict(state_dict, hf_config)
-  back = convert.params_to_hf_state_dict(cfg, params)
+  cfg, params = convert_hf.params_from_hf_state_dict(state_dict, hf_config)
+  back = convert_hf.params_to_hf_state_dict(cfg, params)
   assert set(back) == set(state_dict)
   for key, value in state_dict.items():
     np.testing.assert_array_equal(back[key], value, err_msg=key)
@@ -124,13 +125,13 @@ def test_fixture_roundtrip_to_hf(name):
 
 def test_save_then_load_safetensors_without_torch(tmp_path):
   state_dict, hf_config, x, ref = _load_fixture(FIXTURES[0])
-  cfg, params = convert.params_from_hf_state_dict(state_dict, hf_config)
-  convert.save_hf_checkpoint(cfg, params, str(tmp_path))
-  cfg2, params2 = convert.load_hf_checkpoint(str(tmp_path))
+  cfg, params = convert_hf.params_from_hf_state_dict(state_dict, hf_config)
+  convert_hf.save_hf_checkpoint(cfg, params, str(tmp_path))
+  cfg2, params2 = convert_hf.load_hf_checkpoint(str(tmp_path))
   assert cfg2 == cfg
   jax.tree.map(np.testing.assert_array_equal, params2, params)
   # A weights file path works as well as its folder.
-  cfg3, _ = convert.load_hf_checkpoint(str(tmp_path / "model.safetensors"))
+  cfg3, _ = convert_hf.load_hf_checkpoint(str(tmp_path / "model.safetensors"))
   assert cfg3 == cfg
   assert_parity(cfg2, params2, x, ref)
 
@@ -147,21 +148,21 @@ def small():
 
 def test_config_mapping(small):
   _, hf_config = small
-  cfg = convert.config_from_hf(hf_config)
+  cfg = convert_hf.config_from_hf(hf_config)
   assert (cfg.num_layers, cfg.d_model, cfg.num_heads) == (
       hf_config["n_layer"], hf_config["n_embd"], hf_config["n_head"])
   assert cfg.seq_len == hf_config["n_positions"] and cfg.vocab_size == 512 and cfg.causal
   # The released checkpoints' config (openai/imagegpt-small).
   released = dict(vocab_size=513, n_positions=1024, n_embd=512, n_layer=24, n_head=8,
                   activation_function="quick_gelu", layer_norm_epsilon=1e-5)
-  assert convert.config_from_hf(released) == model.ModelConfig(24, 512, 8, 1024)
+  assert convert_hf.config_from_hf(released) == model.ModelConfig(24, 512, 8, 1024)
   # A transformers config object is accepted as well as a dict.
   class FakeConfig:
     def to_dict(self):
       return dict(hf_config)
-  assert convert.config_from_hf(FakeConfig()) == cfg
+  assert convert_hf.config_from_hf(FakeConfig()) == cfg
   # Our export maps back to the same config.
-  assert convert.config_from_hf(convert.hf_config_from_model(cfg)) == cfg
+  assert convert_hf.config_from_hf(convert_hf.hf_config_from_model(cfg)) == cfg
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -174,7 +175,7 @@ def test_config_mapping(small):
 def test_config_rejects_other_math(small, field, value, match):
   _, hf_config = small
   with pytest.raises(ValueError, match=match):
-    convert.config_from_hf(dict(hf_config, **{field: value}))
+    convert_hf.config_from_hf(dict(hf_config, **{field: value}))
 
 
 def test_nonzero_bias_is_refused(small):
@@ -184,41 +185,41 @@ def test_nonzero_bias_is_refused(small):
   sd[key] = sd[key].copy()
   sd[key][3] = 0.25
   with pytest.raises(ValueError, match=r"transformer\.h\.1\.mlp\.c_fc\.bias.*non-zero"):
-    convert.params_from_hf_state_dict(sd, hf_config)
+    convert_hf.params_from_hf_state_dict(sd, hf_config)
   # A tolerance lets near-zero biases through, on purpose only.
-  convert.params_from_hf_state_dict(sd, hf_config, bias_atol=0.5)
+  convert_hf.params_from_hf_state_dict(sd, hf_config, bias_atol=0.5)
 
 
 def test_missing_unexpected_and_misshapen_keys(small):
   state_dict, hf_config = small
   sd = {k: v for k, v in state_dict.items() if k != "transformer.h.1.ln_2.weight"}
   with pytest.raises(ValueError, match=r"missing key 'transformer\.h\.1\.ln_2\.weight'"):
-    convert.params_from_hf_state_dict(sd, hf_config)
+    convert_hf.params_from_hf_state_dict(sd, hf_config)
   sd = dict(state_dict, **{"transformer.h.7.ln_1.weight": np.ones(64, np.float32)})
   with pytest.raises(ValueError, match=r"unexpected key 'transformer\.h\.7\.ln_1\.weight'"):
-    convert.params_from_hf_state_dict(sd, hf_config)
+    convert_hf.params_from_hf_state_dict(sd, hf_config)
   sd = dict(state_dict, **{"transformer.wpe.weight": np.zeros((17, 64), np.float32)})
   with pytest.raises(ValueError, match=r"transformer\.wpe\.weight has shape \(17, 64\)"):
-    convert.params_from_hf_state_dict(sd, hf_config)
+    convert_hf.params_from_hf_state_dict(sd, hf_config)
   sd = dict(state_dict, **{"lm_head.weight": np.zeros((513, 64), np.float32)})
   with pytest.raises(ValueError, match=r"lm_head\.weight has shape"):
-    convert.params_from_hf_state_dict(sd, hf_config)
+    convert_hf.params_from_hf_state_dict(sd, hf_config)
   with pytest.raises(ValueError, match="not an ImageGPT state dict"):
-    convert.params_from_hf_state_dict({"foo.weight": np.zeros(3)}, hf_config)
+    convert_hf.params_from_hf_state_dict({"foo.weight": np.zeros(3)}, hf_config)
 
 
 def test_buffers_are_ignored_and_classifier_is_separate(small):
   state_dict, hf_config = small
-  cfg, params = convert.params_from_hf_state_dict(state_dict, hf_config)
+  cfg, params = convert_hf.params_from_hf_state_dict(state_dict, hf_config)
   n = hf_config["n_positions"]
   score = np.arange(3 * 64, dtype=np.float32).reshape(3, 64)
   sd = dict(state_dict, **{"transformer.h.0.attn.bias": np.tril(np.ones((1, 1, n, n), bool)),
                            "transformer.h.0.attn.masked_bias": np.array(-1e4, np.float32),
                            "score.weight": score})
-  _, params2 = convert.params_from_hf_state_dict(sd, hf_config)
+  _, params2 = convert_hf.params_from_hf_state_dict(sd, hf_config)
   jax.tree.map(np.testing.assert_array_equal, params2, params)
-  np.testing.assert_array_equal(convert.hf_classifier_head(sd), score.T)
-  assert convert.hf_classifier_head(state_dict) is None
+  np.testing.assert_array_equal(convert_hf.hf_classifier_head(sd), score.T)
+  assert convert_hf.hf_classifier_head(state_dict) is None
 
 
 def test_bare_model_layout_needs_explicit_missing_head(small):
@@ -227,8 +228,8 @@ def test_bare_model_layout_needs_explicit_missing_head(small):
   _, _, x, ref = _load_fixture(FIXTURES[0])
   bare = {k[len("transformer."):]: v for k, v in state_dict.items() if k.startswith("transformer.")}
   with pytest.raises(ValueError, match="lm_head"):
-    convert.params_from_hf_state_dict(bare, hf_config)
-  cfg, params = convert.params_from_hf_state_dict(bare, hf_config, allow_missing_head=True)
+    convert_hf.params_from_hf_state_dict(bare, hf_config)
+  cfg, params = convert_hf.params_from_hf_state_dict(bare, hf_config, allow_missing_head=True)
   assert not np.any(params["wtet"])
   assert_parity(cfg, params, x, ref, with_logits=False)
 
@@ -239,15 +240,15 @@ def test_torch_bin_without_torch_says_so(tmp_path, small, monkeypatch):
   (tmp_path / "pytorch_model.bin").write_bytes(b"")
   monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
   with pytest.raises(ImportError, match="needs torch"):
-    convert.load_hf_checkpoint(str(tmp_path))
+    convert_hf.load_hf_checkpoint(str(tmp_path))
 
 
 def test_missing_files_are_reported(tmp_path):
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
-    convert.load_hf_checkpoint(str(tmp_path))
+    convert_hf.load_hf_checkpoint(str(tmp_path))
   (tmp_path / "model.safetensors").write_bytes(b"")
   with pytest.raises(FileNotFoundError, match="config.json"):
-    convert.load_hf_checkpoint(str(tmp_path))
+    convert_hf.load_hf_checkpoint(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- live (torch)
@@ -275,7 +276,7 @@ def test_live_parity(hf, shape):
   hf_config = hf.hf_config_dict(layers, width, heads, side, vocab_size=colours)
   hf_model = hf.build_hf_model(hf_config, seed=11)
   x = _random_tokens(hf_config)
-  cfg, params = convert.params_from_hf_state_dict(hf_model.state_dict(), hf_config)
+  cfg, params = convert_hf.params_from_hf_state_dict(hf_model.state_dict(), hf_config)
   assert_parity(cfg, params, x, hf.hf_reference(hf_model, x))
 
 
@@ -289,7 +290,7 @@ def test_live_checkpoint_files(hf, tmp_path):
 
   hf_model.save_pretrained(str(tmp_path / "st"))
   assert os.path.exists(tmp_path / "st" / "model.safetensors")
-  cfg, params = convert.load_hf_checkpoint(str(tmp_path / "st"))
+  cfg, params = convert_hf.load_hf_checkpoint(str(tmp_path / "st"))
   assert_parity(cfg, params, x, ref)
 
   bin_dir = tmp_path / "bin"
@@ -300,7 +301,7 @@ def test_live_checkpoint_files(hf, tmp_path):
   state["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, n, n, dtype=torch.uint8))
   state["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
   torch.save(state, bin_dir / "pytorch_model.bin")
-  cfg2, params2 = convert.load_hf_checkpoint(str(bin_dir))
+  cfg2, params2 = convert_hf.load_hf_checkpoint(str(bin_dir))
   assert cfg2 == cfg
   jax.tree.map(np.testing.assert_array_equal, params2, params)
 
@@ -314,11 +315,11 @@ def test_live_export_loads_in_transformers(hf, tmp_path):
   shapes = jax.eval_shape(lambda key: model.init_params(cfg, key), jax.random.key(0))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: 0.2 * rng.standard_normal(s.shape, np.float32), shapes)
-  convert.save_hf_checkpoint(cfg, params, str(tmp_path))
+  convert_hf.save_hf_checkpoint(cfg, params, str(tmp_path))
   hf_model, info = ImageGPTForCausalImageModeling.from_pretrained(
       str(tmp_path), output_loading_info=True, attn_implementation="eager")
   assert not info["missing_keys"] and not info["unexpected_keys"], info
-  x = _random_tokens(convert.hf_config_from_model(cfg), batch=2)
+  x = _random_tokens(convert_hf.hf_config_from_model(cfg), batch=2)
   assert_parity(cfg, params, x, hf.hf_reference(hf_model.float().eval(), x))
 
 
@@ -335,9 +336,9 @@ def test_live_classifier_head(hf):
   ids = np.concatenate([np.full((2, 1), 512), x[:, :-1]], axis=1)
   with torch.no_grad():
     want = clf(input_ids=torch.from_numpy(ids)).logits.numpy()
-  cfg, params = convert.params_from_hf_state_dict(clf.state_dict(), hf_config,
+  cfg, params = convert_hf.params_from_hf_state_dict(clf.state_dict(), hf_config,
                                                   allow_missing_head=True)
   with jax.default_matmul_precision("highest"):
     _, hidden = _forward(cfg, params, x)
-  got = np.asarray(hidden["ln_f"]).mean(1) @ convert.hf_classifier_head(clf.state_dict())
+  got = np.asarray(hidden["ln_f"]).mean(1) @ convert_hf.hf_classifier_head(clf.state_dict())
   assert rel_err(got, want) <= RTOL

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from igpt import features, linear_probe, model, probing, run, sharding
+from igpt import features, linear_probe, model, pipeline, run, sharding, trained
+from igpt.commands import probe as probing
 from igpt.linear_probe import Split
 from igpt.model import ModelConfig
-from igpt.openai_release import TokenSource
+from igpt.readers import TokenSource
 
 import train_helpers as th
 
@@ -181,14 +182,14 @@ def test_low_data_draws_k_per_class_by_seed():
 
 
 def test_hf_checkpoint_and_openai_tokens_are_probe_sources(tmp_path):
-  from igpt import convert, palette, readers  # noqa: PLC0415
+  from igpt import palette, readers  # noqa: PLC0415
+  from igpt.convert import hf as convert_hf  # noqa: PLC0415
   cfg = ModelConfig(num_layers=2, d_model=16, num_heads=2, seq_len=16, vocab_size=512)
   params = _init(cfg, 4)
-  convert.save_hf_checkpoint(cfg, params, str(tmp_path / "hf"))
+  convert_hf.save_hf_checkpoint(cfg, params, str(tmp_path / "hf"))
   centers = np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)
   palette.save_palette(str(tmp_path / "palette.npy"), centers)
-  pm = probing.load_model(hf_checkpoint=str(tmp_path / "hf"),
-                          palette_path=str(tmp_path / "palette.npy"))
+  pm = trained.load(hf=str(tmp_path / "hf"), palette=str(tmp_path / "palette.npy"))
   assert pm.model_cfg.num_layers == 2 and pm.image_side == 4
   np.testing.assert_allclose(pm.params["h_1"]["mlp"]["c_fc"], params["h_1"]["mlp"]["c_fc"])
   # OpenAI's pre-tokenised files: train / test, validation carved from train as tokens.
@@ -230,12 +231,12 @@ def test_bad_data_is_refused(tmp_path):
   with pytest.raises(ValueError, match="empty"):
     probing.labelled_sources(cfg.data, 8)
   with pytest.raises(FileNotFoundError, match="not a run folder"):
-    probing.load_model(workdir=str(tmp_path))
+    trained.load(workdir=str(tmp_path))
   (tmp_path / "run").mkdir()  # a run folder killed before its first checkpoint
   run.write_config(str(tmp_path / "run"), run.config_to_json(th.tiny_config()))
   np.save(tmp_path / "run" / "palette.npy", np.zeros((16, 3), np.float32))
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    probing.load_model(workdir=str(tmp_path / "run"))
+    trained.load(workdir=str(tmp_path / "run"))
   with pytest.raises(ValueError, match="pooling"):
     probing.check_config(_probe_config(pooling="max"))
 
@@ -300,13 +301,12 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path):
 
 
 def test_augment_pads_crops_and_flips_deterministically():
-  from igpt import finetune  # noqa: PLC0415
   images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), np.uint8)
-  a = finetune.augment(images, np.random.default_rng(1))
+  a = pipeline.augment_images(images, np.random.default_rng(1))
   assert a.shape == images.shape and a.dtype == np.uint8
-  np.testing.assert_array_equal(a, finetune.augment(images, np.random.default_rng(1)))
+  np.testing.assert_array_equal(a, pipeline.augment_images(images, np.random.default_rng(1)))
   # Without padding the crop is the image itself, flipped or not.
-  plain = finetune.augment(images, np.random.default_rng(2), pad=0)
+  plain = pipeline.augment_images(images, np.random.default_rng(2), pad=0)
   for got, want in zip(plain, images):
     assert np.array_equal(got, want) or np.array_equal(got, want[:, ::-1])
 
@@ -331,6 +331,6 @@ def test_finetune_from_a_run_beats_chance(tiny_run, tmp_path):
   assert final["best_eval_accuracy"] == max(final["best_eval_accuracy"], final["eval_accuracy"])
   assert os.path.isfile(tmp_path / "ft" / "best" / "best.json")
   # The fine-tuned run reads back like any run, its classifier head apart.
-  tuned = run.load_run(str(tmp_path / "ft"))
+  tuned = trained.load_run(str(tmp_path / "ft"))
   assert tuned.head["clf"]["w"].shape == (th.TINY_OVERRIDES["model.d_model"], 10)
-  assert set(tuned.params) == set(run.load_run(tiny_run).params)
+  assert set(tuned.params) == set(trained.load_run(tiny_run).params)

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from igpt import convert, model, run
+from igpt import model, run, trained
+from igpt.convert import hf as convert_hf
 from igpt.model import ModelConfig
 
 import train_helpers as th
@@ -59,7 +60,7 @@ def snapshot(workdir) -> dict:
 
 
 def final_params(workdir, step=None):
-  return jax.device_get(run.load_run(str(workdir), step).params)
+  return jax.device_get(trained.load_run(str(workdir), step).params)
 
 
 def assert_same_params(a, b):
@@ -88,7 +89,7 @@ def test_a_normal_run_reads_well(finished):
   workdir, out = finished
   assert "Unable to initialize backend" not in out
   progress = [ln for ln in out.splitlines() if "step 12/12" in ln]
-  assert progress and "train.py:" in progress[0]  # the real origin, not metrics.py
+  assert progress and "train_actions.py:" in progress[0]  # the real origin, not metrics.py
   done = [ln for ln in out.splitlines() if "Done:" in ln]
   assert len(done) == 1 and len(done[0]) < 250 and "eval loss" in done[0], done
   # Created with the user's umask, like metrics.jsonl (not the temp file's 0600).
@@ -250,7 +251,7 @@ def test_sigint_then_resume_with_safe_changes(tmp_path):
   assert "Resumed from checkpoint" in out
   assert "changed settings" in out and "train.total_steps: 120 -> 128" in out
   assert json.load(open(workdir / "config.json"))["train"]["total_steps"] == 128
-  assert run.load_run(str(workdir)).step == 128
+  assert trained.load_run(str(workdir)).step == 128
 
 
 def _mount(*args) -> bool:
@@ -317,7 +318,7 @@ def hf_dir(tmp_path):
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
   folder = tmp_path / "hf"
-  convert.save_hf_checkpoint(HF_TINY, params, str(folder))
+  convert_hf.save_hf_checkpoint(HF_TINY, params, str(folder))
   return folder
 
 
@@ -348,12 +349,12 @@ HF_CASES = {
 @pytest.mark.parametrize("case", list(HF_CASES))
 def test_hf_loader_rejects_what_is_not_an_imagegpt_checkpoint(hf_dir, case):
   edit, path, match = HF_CASES[case]
-  convert.load_hf_checkpoint(str(hf_dir))  # the untouched folder loads
+  convert_hf.load_hf_checkpoint(str(hf_dir))  # the untouched folder loads
   if edit:
     edit(hf_dir)
   target = str(hf_dir / path) if path else str(hf_dir)
   with pytest.raises((ValueError, FileNotFoundError)) as e:
-    convert.load_hf_checkpoint(target)
+    convert_hf.load_hf_checkpoint(target)
   assert match in str(e.value)
   if path or case == "config not JSON":
     assert str(hf_dir) in str(e.value)  # names the path at fault

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from igpt import convert, model, run, sample_cli, sampling
+from igpt import model, sampling, trained
+from igpt.commands import sample as sample_cli
+from igpt.convert import hf as convert_hf
 import train_helpers
 
 SAMPLE_PY = os.path.join(train_helpers.REPO, "sample.py")
@@ -158,7 +160,7 @@ def test_completion_keeps_the_prompt_and_the_seed_fixes_the_images():
 def test_sharded_over_four_devices_gives_the_same_tokens():
   script = textwrap.dedent("""
       import jax, numpy as np
-      from igpt import convert, model, run, sample_cli, sampling
+      from igpt import model, sampling
       assert jax.device_count() == 4
       cfg = model.ModelConfig(num_layers=2, d_model=32, num_heads=4, seq_len=16, vocab_size=16)
       params = model.init_params(cfg, jax.random.key(0))
@@ -206,7 +208,7 @@ def test_cli_writes_the_grid_and_the_tokens(tiny_run, tmp_path):
   assert "pixels" in proc.stderr and "tokens/s" in proc.stderr  # the progress line
   # Unconditional, into the run's samples/ folder by default (in-process: no second start-up).
   config = _sample_config(mode="unconditional", num_samples=5, grid_columns=5)
-  png = sample_cli.main(config, tiny_run, None, None, None, None)
+  png = sample_cli.main(config, trained.ModelSource(workdir=tiny_run), None)
   assert png == os.path.join(tiny_run, "samples", "unconditional_step4_seed0.png")
   assert np.load(png[:-4] + ".npy").shape == (5, 64)
 
@@ -235,10 +237,12 @@ def test_cli_bad_inputs_give_one_line(tiny_run, tmp_path):
       "unknown field": (["--workdir", tiny_run, "--config.temprature=0.5"],
                         "field 'temprature' in --config.temprature (did you mean 'temperature'?)"),
       "unknown flag": (["--workdir", tiny_run, "--stpe=3"], "Unknown command line flag 'stpe'"),
+      "two models": (["--workdir", tiny_run, "--hf", str(tmp_path / "hf")],
+                     "give exactly one of --workdir (a run folder) and --hf"),
   }
   # An HF folder made from the tiny run, for the palette case.
-  r = run.load_run(tiny_run)
-  convert.save_hf_checkpoint(r.model_cfg, r.params, str(tmp_path / "hf"))
+  r = trained.load_run(tiny_run)
+  convert_hf.save_hf_checkpoint(r.model_cfg, r.params, str(tmp_path / "hf"))
   os.makedirs(tmp_path / "fresh")  # a run folder killed before its first checkpoint
   for name in ("config.json", "palette.npy"):
     shutil.copy(os.path.join(tiny_run, name), tmp_path / "fresh" / name)

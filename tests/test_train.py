@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from igpt import guards, losses, metrics, model, optim, palette, pipeline, readers, run, sharding, train
+from igpt import (evaluation, guards, losses, metrics, model, optim, palette, pipeline, readers,
+                  run, sharding, spec, train)
 
 import train_helpers as th
 
@@ -29,7 +30,7 @@ def _one_device_mesh():
 
 def _random_tokens(config, batch, seed=0):
   rng = np.random.default_rng(seed)
-  vocab_size = run.model_config(config).vocab_size
+  vocab_size = spec.model_config(config).vocab_size
   return rng.integers(0, vocab_size, (batch, config.model.image_side**2)).astype(np.int32)
 
 
@@ -74,7 +75,7 @@ def test_bert_mask_rate_and_bits_per_dim():
 
 def test_bert_model_is_bidirectional_and_hides_masked_tokens():
   config = th.tiny_config(objective="bert")
-  cfg = run.model_config(config)
+  cfg = spec.model_config(config)
   assert not cfg.causal
   params = model.init_params(cfg, jax.random.key(0))
   params["wtet"] = 0.02 * jax.random.normal(jax.random.key(1), params["wtet"].shape)
@@ -105,7 +106,7 @@ def test_schedule_warms_up_then_decays_to_zero_and_paper_adam():
 
 def _one_step(config, tokens, mesh=None):
   mesh = mesh or _one_device_mesh()
-  trainer = train.Trainer.build(config, mesh)
+  trainer = train.Trainer.build(th.spec_for(config, mesh), mesh)
   state, shardings = train.create_train_state(trainer, jax.random.key(0))
   step = train.make_train_step(trainer, shardings)
   batch = sharding.global_batch({"tokens": tokens}, mesh)
@@ -139,7 +140,7 @@ def test_bfloat16_compute_and_remat_keep_float32_params():
 
 
 def test_flops_per_token_convention():
-  cfg = run.model_config(th.tiny_config())
+  cfg = spec.model_config(th.tiny_config())
   d, n, t, v = 32, 2, 64, 16
   assert metrics.flops_per_token(cfg) == 6 * (12 * d * d * n + v * d) + 12 * n * d * t
   # iGPT-S: N = 12 d^2 L + V d = 75.76M matmul weights, attention adds 12 L d T = 151M.
@@ -162,7 +163,11 @@ BAD_CONFIGS = {
     "palette_file": (dict(data__palette_path="/nonexistent/palette.npy"), "does not exist"),
     "vocab": (dict(model__vocab_size=8), "vocab_size=8 is smaller"),
     "warmup": (dict(optim__warmup_steps=50), "warmup_steps=50"),
-    "augment_tokens": (dict(augment=True, data__source="openai_npy"), "augment=True crops"),
+    "augment_tokens": (dict(data__augment=True, data__source="openai_npy"),
+                       "data.augment=True crops"),
+    "unknown_field": (dict(train__totl_steps=3), "train.totl_steps is not a run config field"),
+    "schedule": (dict(optim__schedule="linear"), "optim.schedule='linear'"),
+    "classes": (dict(objective="classify"), "finetune.num_classes >= 2"),
 }
 
 
@@ -195,24 +200,24 @@ def test_unreadable_dataset_fails_before_compile(tmp_path, monkeypatch):
 def test_palette_is_fitted_then_reused_and_given_file_used_as_is(tmp_path):
   config = th.tiny_config()
   source = readers.make_source(config.data, "train", config.model.image_side)
-  fitted = train.prepare_palette(config, source, str(tmp_path / "a"))
+  fitted = run.prepare_palette(spec.resolve(config, 1, 1), source, str(tmp_path / "a"))
   assert fitted.shape == (16, 3)
   np.testing.assert_array_equal(palette.load_palette(str(tmp_path / "a" / "palette.npy")), fitted)
   # On resume the stored palette is reused, even if the data would now fit another one.
   config.data.palette_fit_pixels = 5000
   np.testing.assert_array_equal(
-      train.prepare_palette(config, source, str(tmp_path / "a")), fitted)
+      run.prepare_palette(spec.resolve(config, 1, 1), source, str(tmp_path / "a")), fitted)
   # A given file is used as is (and copied into the workdir for probe/sample).
   given = np.linspace(-1, 1, 12 * 3, dtype=np.float32).reshape(12, 3)
   palette.save_palette(str(tmp_path / "given.npy"), given)
   config.data.palette_path = str(tmp_path / "given.npy")
   os.makedirs(tmp_path / "b")
-  got = train.prepare_palette(config, source, str(tmp_path / "b"))
+  got = run.prepare_palette(spec.resolve(config, 1, 1), source, str(tmp_path / "b"))
   np.testing.assert_array_equal(got, given)
   np.testing.assert_array_equal(palette.load_palette(str(tmp_path / "b" / "palette.npy")), given)
   # A workdir palette that disagrees with the given file is an error, not a silent switch.
   with pytest.raises(ValueError, match="differs"):
-    train.prepare_palette(config, source, str(tmp_path / "a"))
+    run.prepare_palette(spec.resolve(config, 1, 1), source, str(tmp_path / "a"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -275,14 +280,14 @@ def test_cli_end_to_end_on_8_devices_then_restore_on_1(tmp_path):
   step, state, extra = th.restore_latest(config, workdir)
   assert step == steps and extra["data"]["next_step"] == steps
   mesh = _one_device_mesh()
-  trainer = train.Trainer.build(config, mesh)
+  trainer = train.Trainer.build(th.spec_for(config, mesh), mesh)
   _, shardings = train.abstract_train_state(trainer)
   centers = palette.load_palette(os.path.join(workdir, "palette.npy"))
   source = readers.make_source(config.data, "val", config.model.image_side)
   batches = [sharding.global_batch({"tokens": b["tokens"], "mask": b["mask"]}, mesh) for b in
              pipeline.eval_batches(source, centers, config.train.batch_size, 2, 0, 1)]
-  ev = train.evaluate(train.make_eval_step(trainer, shardings), state["params"], batches,
-                      train.run_rngs(config)[2])
+  ev = evaluation.mean_loss(evaluation.make_loss_step(trainer, shardings["params"]),
+                            state["params"], batches, train.run_rngs(config.seed)[2])
   assert ev["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-5)
 
 

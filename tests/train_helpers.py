@@ -72,6 +72,15 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def spec_for(config, mesh):
+  """The run spec of `config` on `mesh`'s devices (its mesh section set to `mesh`'s shape)."""
+  from igpt import spec  # noqa: PLC0415
+
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.mesh = ml_collections.ConfigDict(dict(mesh.shape))
+  return spec.resolve(config, num_devices=mesh.size, process_count=1)
+
+
 def restore_latest(config, workdir: str, mesh=None):
   """(step, state, extra) of the newest checkpoint in `workdir`, on `mesh` (default: 1 device)."""
   import jax  # noqa: PLC0415
@@ -82,7 +91,7 @@ def restore_latest(config, workdir: str, mesh=None):
   if mesh is None:
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
                               jax.devices()[:1])
-  abstract, _ = train.abstract_train_state(train.Trainer.build(config, mesh))
+  abstract, _ = train.abstract_train_state(train.Trainer.build(spec_for(config, mesh), mesh))
   ckpt = Checkpointer(run.path(workdir, run.CHECKPOINT_DIR), keep=100)
   try:
     step = ckpt.latest_step()

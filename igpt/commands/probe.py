@@ -1,6 +1,6 @@
-"""What `probe.py` does: load a model, extract features, fit probes, write the results.
+"""The body of `probe.py`: extract features, fit probes, write the results.
 
-    model = load_model(workdir="runs/tiny")          # or hf_checkpoint=..., palette=...
+    model = trained.load(workdir="runs/tiny")        # or hf=..., palette=...
     results = run_probes(config, model, out_dir)     # config: configs/probe.py
 
 Outputs in `out_dir` (a run's `probe/` folder by default): `results_<data>.json`,
@@ -9,9 +9,7 @@ Outputs in `out_dir` (a run's `probe/` folder by default): `results_<data>.json`
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import re
 import time
@@ -19,57 +17,11 @@ import time
 import jax
 import numpy as np
 
-from igpt import convert, features, fileio, linear_probe, model, readers, run, sharding
-from igpt import palette as palette_lib
+from igpt import features, fileio, linear_probe, readers, run, sharding, trained
+from igpt.errors import UserError
 from igpt.linear_probe import Split
-from igpt.model import ModelConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class ProbeModel:
-  """A model to probe: its shape, params, palette and a name for reports and cache keys."""
-
-  name: str  # "pretrained" or "random-init"
-  model_cfg: ModelConfig
-  params: dict
-  centers: np.ndarray | None  # None: only pre-tokenised data can be read
-  identity: str
-  rules: tuple = sharding.DEFAULT_RULES
-  step: int | None = None
-  description: str = ""
-
-  @property
-  def image_side(self) -> int:
-    return math.isqrt(self.model_cfg.seq_len)
-
-
-def load_model(*, workdir: str = "", hf_checkpoint: str = "", palette_path: str = "",
-               step: int | None = None) -> ProbeModel:
-  """The model of a run folder, or of a transformers ImageGPT checkpoint + palette file."""
-  if bool(workdir) == bool(hf_checkpoint):
-    raise ValueError("give exactly one of --workdir (a run folder) and --hf_checkpoint.")
-  if workdir:
-    r = run.load_run(workdir, step)
-    centers = palette_lib.load_palette(palette_path) if palette_path else r.palette
-    return ProbeModel("pretrained", r.model_cfg, r.params, centers,
-                      f"run:{os.path.abspath(workdir)}@{r.step}",
-                      sharding.rules_from_config(r.config), r.step,
-                      f"run {workdir} at step {r.step}")
-  model_cfg, params = convert.load_hf_checkpoint(hf_checkpoint)
-  centers = palette_lib.load_palette(palette_path) if palette_path else None
-  if centers is not None:
-    palette_lib.check_fits(centers, model_cfg.vocab_size, f"the palette {palette_path!r}")
-  return ProbeModel("pretrained", model_cfg, params, centers,
-                    f"hf:{os.path.abspath(hf_checkpoint)}", description=f"{hf_checkpoint}")
-
-
-def random_init(like: ProbeModel, seed: int) -> ProbeModel:
-  """A freshly initialised model of `like`'s shape (same palette): the probe's control."""
-  # Jitted: eager Flax init is slow, and jit lays the params out once.
-  params = jax.jit(model.init_params, static_argnums=0)(like.model_cfg, jax.random.key(seed))
-  return dataclasses.replace(like, name="random-init", params=params,
-                             identity=f"random-init:{seed}", step=0,
-                             description=f"random init (seed {seed}) of the same shape")
+FEATURES_DIR = "features"  # inside the output folder: the feature cache
 
 
 # ----------------------------------------------------------------------------------------
@@ -89,12 +41,12 @@ def labelled_sources(data_cfg, image_side: int) -> dict:
   out = {}
   for split in ("train", "val", "test"):
     source = _head(readers.make_source(data_cfg, split, image_side),
-                   int(data_cfg.get("max_examples_per_split", 0)))
+                   int(data_cfg.max_examples_per_split))
     if len(source) == 0:
-      raise ValueError(f"the {split} split ({source.description}) is empty.")
+      raise UserError(f"the {split} split ({source.description}) is empty.")
     if source.num_classes is None:
-      raise ValueError(f"{source.description} has no labels: a probe needs labelled data "
-                       "(class subfolders, a label array, or a labelled dataset).")
+      raise UserError(f"{source.description} has no labels: a probe needs labelled data "
+                      "(class subfolders, a label array, or a labelled dataset).")
     out[split] = source
   return out
 
@@ -114,20 +66,20 @@ def _tag(data_cfg) -> str:
 # Probing
 
 
-def _extract(pm: ProbeModel, config, sources, layers, mesh, cache_dir):
+def _extract(pm: trained.TrainedModel, config, sources, layers, mesh, cache_dir):
   """{split: ({layer: [N, D]}, labels [N])} of the model over every split."""
-  if pm.centers is None and not all(hasattr(s, "get_tokens") for s in sources.values()):
-    raise ValueError("this data is images: give the checkpoint's palette file (--palette) to "
-                     "turn them into tokens.")
+  if pm.palette is None and not all(hasattr(s, "get_tokens") for s in sources.values()):
+    raise UserError("this data is images: give the checkpoint's palette file (--palette) to "
+                    "turn them into tokens.")
   extractor = features.FeatureExtractor(
-      pm.model_cfg, pm.params, pm.centers, mesh, rules=pm.rules, pooling=config.pooling,
+      pm.model_cfg, pm.params, pm.palette, mesh, rules=pm.rules, pooling=config.pooling,
       batch_size=config.batch_size, cache_dir=cache_dir, identity=pm.identity)
   out = {split: extractor.features(source, _data_key(config.data, split, pm.image_side), layers)
          for split, source in sources.items()}
   for split, (_, labels) in out.items():
     if len(labels) and labels.min() < 0:
-      raise ValueError(f"{sources[split].description} has unlabelled examples: a probe needs "
-                       "a label for every example.")
+      raise UserError(f"{sources[split].description} has unlabelled examples: a probe needs "
+                      "a label for every example.")
   return out, {"cache_hits": extractor.cache_hits, "cache_misses": extractor.cache_misses}
 
 
@@ -137,7 +89,8 @@ def _splits(feats, layers) -> dict:
           for split, (f, y) in feats.items()}
 
 
-def probe_model(pm: ProbeModel, config, sources, mesh, cache_dir, log=print) -> dict:
+def probe_model(pm: trained.TrainedModel, name: str, config, sources, mesh, cache_dir,
+                log=print) -> dict:
   """Probes every configured layer of `pm`: per-layer results, best layer, concat, low data."""
   t0 = time.time()
   layers = features.resolve_layers(config.layers, pm.model_cfg.num_layers)
@@ -155,7 +108,7 @@ def probe_model(pm: ProbeModel, config, sources, mesh, cache_dir, log=print) -> 
     s = _splits(feats, [layer])
     r = linear_probe.probe(s["train"], s["val"], s["test"], num_classes, **fit_kwargs)
     per_layer.append({"layer": layer, **r})
-    log(f"  [{pm.name}] layer {layer:3d}: test {100 * r['test_accuracy']:.2f}%  val "
+    log(f"  [{name}] layer {layer:3d}: test {100 * r['test_accuracy']:.2f}%  val "
         f"{100 * r['val_accuracy']:.2f}%  l2 {r['l2']:g}  ({r['time_s']:.1f}s)")
   best = max(per_layer, key=lambda r: (r["val_accuracy"], -r["layer"]))
   result = {"model": pm.description, "identity": pm.identity, "step": pm.step,
@@ -176,7 +129,7 @@ def probe_model(pm: ProbeModel, config, sources, mesh, cache_dir, log=print) -> 
       r = linear_probe.low_data_probe(s["train"], s["val"], s["test"], num_classes, k,
                                       config.low_data.draws, config.low_data.seed, **fit_kwargs)
       result["low_data"].append({"layer": best["layer"], **r})
-      log(f"  [{pm.name}] {k} per class, layer {best['layer']}: test "
+      log(f"  [{name}] {k} per class, layer {best['layer']}: test "
           f"{100 * r['test_accuracy_mean']:.2f}% +- {100 * r['test_accuracy_std']:.2f}% "
           f"over {r['draws']} draws")
   result["time_s"] = time.time() - t0
@@ -186,35 +139,48 @@ def probe_model(pm: ProbeModel, config, sources, mesh, cache_dir, log=print) -> 
 def check_config(config) -> None:
   """ValueErrors for settings that cannot work, before any model or data is read."""
   if config.pooling not in features.POOLINGS:
-    raise ValueError(f"pooling={config.pooling!r}: use one of {list(features.POOLINGS)}.")
+    raise UserError(f"pooling={config.pooling!r}: use one of {list(features.POOLINGS)}.")
   if not config.l2_grid or any(float(v) < 0 for v in config.l2_grid):
-    raise ValueError(f"l2_grid={tuple(config.l2_grid)} must be non-empty and >= 0.")
+    raise UserError(f"l2_grid={tuple(config.l2_grid)} must be non-empty and >= 0.")
   if config.lbfgs_max_steps < 1:
-    raise ValueError(f"lbfgs_max_steps={config.lbfgs_max_steps} must be >= 1.")
+    raise UserError(f"lbfgs_max_steps={config.lbfgs_max_steps} must be >= 1.")
   if any(int(k) < 1 for k in config.low_data.examples_per_class):
-    raise ValueError(f"low_data.examples_per_class={tuple(config.low_data.examples_per_class)}"
-                     " must be positive.")
+    raise UserError(f"low_data.examples_per_class={tuple(config.low_data.examples_per_class)}"
+                    " must be positive.")
   if config.low_data.draws < 1:
-    raise ValueError(f"low_data.draws={config.low_data.draws} must be >= 1.")
+    raise UserError(f"low_data.draws={config.low_data.draws} must be >= 1.")
 
 
-def run_probes(config, pm: ProbeModel, out_dir: str, log=print) -> dict:
+def main(config, source: trained.ModelSource, out_dir: str | None) -> dict:
+  """probe.py: probes the model of `source`; results go to `out_dir` (default: the run
+  folder's probe/)."""
+  check_config(config)
+  source.check()
+  if not out_dir:
+    if source.hf:
+      raise UserError("--hf needs --out: where the results and features go.")
+    out_dir = run.path(source.workdir, run.PROBE_DIR)
+  return run_probes(config, source.load(), out_dir)
+
+
+def run_probes(config, pm: trained.TrainedModel, out_dir: str, log=print) -> dict:
   """Probes `pm` (and the random-init control when configured); writes JSON and PNG."""
   t0 = time.time()
   check_config(config)
   features.resolve_layers(config.layers, pm.model_cfg.num_layers)  # fail before any work
   mesh = sharding.make_mesh(config.mesh)
   sources = labelled_sources(config.data, pm.image_side)
-  cache_dir = os.path.join(out_dir, "features")
+  cache_dir = os.path.join(out_dir, FEATURES_DIR)
   log(f"Probing {pm.description} on {sources['train'].description} "
       f"({len(sources['train'])} train / {len(sources['val'])} val / {len(sources['test'])} "
       f"test), pooling {config.pooling}")
   results = {"data": config.data.to_dict(), "pooling": config.pooling,
              "examples": {k: len(v) for k, v in sources.items()},
-             "pretrained": probe_model(pm, config, sources, mesh, cache_dir, log)}
+             "pretrained": probe_model(pm, "pretrained", config, sources, mesh, cache_dir, log)}
   if config.random_init_control:
-    control = random_init(pm, config.random_init_seed)
-    results["random_init"] = probe_model(control, config, sources, mesh, cache_dir, log)
+    control = trained.random_init(pm, config.random_init_seed)
+    results["random_init"] = probe_model(control, "random-init", config, sources, mesh,
+                                         cache_dir, log)
   results["time_s"] = time.time() - t0
   tag = _tag(config.data)
   results["files"] = {"json": os.path.join(out_dir, f"results_{tag}.json"),

@@ -1,4 +1,4 @@
-"""The run folder: load_run reads config, palette and params only; save_run round-trips."""
+"""A trained model: load_run reads config, palette and params only; save_run round-trips."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from igpt import checkpoint, model, palette, run
+from igpt import checkpoint, model, palette, run, spec, trained
 
 import train_helpers as th
 
@@ -30,20 +30,20 @@ def test_load_run_returns_the_final_params_without_reading_the_optimiser(finishe
   ckpt_dir = run.path(copy, run.CHECKPOINT_DIR)
   for s in os.listdir(ckpt_dir):
     shutil.rmtree(os.path.join(ckpt_dir, s, checkpoint.REST_ITEM))
-  loaded = run.load_run(copy)
+  loaded = trained.load_run(copy)
   assert loaded.step == step == 8
-  assert loaded.model_cfg == run.model_config(config)
+  assert loaded.model_cfg == spec.model_config(config)
   np.testing.assert_array_equal(loaded.palette, palette.load_palette(run.path(copy, "palette.npy")))
   for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(state["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert run.load_run(copy, step=4).step == 4
+  assert trained.load_run(copy, step=4).step == 4
 
 
 def test_load_run_errors_name_the_folder(tmp_path, finished_run):
   with pytest.raises(FileNotFoundError, match="not a run folder"):
-    run.load_run(str(tmp_path))
+    trained.load_run(str(tmp_path))
   with pytest.raises(ValueError, match="No checkpoint for step 3"):
-    run.load_run(finished_run, step=3)
+    trained.load_run(finished_run, step=3)
 
 
 def test_load_run_skips_a_damaged_newest_checkpoint_and_changes_nothing(finished_run, tmp_path):
@@ -53,22 +53,22 @@ def test_load_run_skips_a_damaged_newest_checkpoint_and_changes_nothing(finished
   data = os.path.join(ckpt_dir, "8", checkpoint.PARAMS_ITEM, "ocdbt.process_0", "d")
   os.truncate(max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize), 100)
   before = sorted(os.listdir(ckpt_dir))
-  assert run.load_run(copy).step == 4
+  assert trained.load_run(copy).step == 4
   assert sorted(os.listdir(ckpt_dir)) == before  # a reader moves nothing aside
   with pytest.raises(ValueError, match=r"checkpoint 8 in .* does not read .*available: \[4\]"):
-    run.load_run(copy, step=8)
+    trained.load_run(copy, step=8)
 
 
 def test_save_run_round_trips_a_params_only_run(tmp_path):
   config = th.tiny_config()
-  cfg = run.model_config(config)
+  cfg = spec.model_config(config)
   params = model.init_params(cfg, jax.random.key(3))
   centers = np.linspace(-1, 1, 16 * 3, dtype=np.float32).reshape(16, 3)
-  run.save_run(str(tmp_path / "imported"), config, centers, params, step=5)
-  loaded = run.load_run(str(tmp_path / "imported"))
+  trained.save_run(str(tmp_path / "imported"), config, centers, params, step=5)
+  loaded = trained.load_run(str(tmp_path / "imported"))
   assert loaded.step == 5 and loaded.model_cfg == cfg
   np.testing.assert_array_equal(loaded.palette, centers)
   for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match="params do not match"):
-    run.save_run(str(tmp_path / "bad"), config, centers, {"wte": params["wte"]})
+    trained.save_run(str(tmp_path / "bad"), config, centers, {"wte": params["wte"]})

@@ -1,4 +1,4 @@
-"""What `sample.py` does: load a model, pick prompts, sample, and write a PNG grid + tokens.
+"""The body of `sample.py`: load a model, pick prompts, sample, and write a PNG grid + tokens.
 
 Completion (`mode="completion"`): images from a split of the run's data or from image files;
 the top `prompt_rows` rows are kept and the rest is sampled, `completions_per_image` times.
@@ -10,7 +10,6 @@ Beside `<name>.png` goes `<name>.npy`: the sampled tokens ([images, completions,
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -19,27 +18,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from igpt import convert, palette, readers, run, sampling
+from igpt import palette, readers, run, sampling, trained
+from igpt.errors import MissingFileError, UserError
 from igpt.pictures import TARGET_CELL_PX, completion_rows, grid
-from igpt.model import ModelConfig
 
 MODES = ("completion", "unconditional")
-
-
-@dataclasses.dataclass
-class Model:
-  """A model to sample from, wherever it came from."""
-
-  cfg: ModelConfig
-  params: dict
-  centers: np.ndarray
-  data: object = None  # the run's `data` config section (None for --hf)
-  step: int = 0
-  workdir: str = ""
-
-  @property
-  def side(self) -> int:
-    return math.isqrt(self.cfg.seq_len)
 
 
 def settings_from(config) -> sampling.Settings:
@@ -51,70 +34,62 @@ def settings_from(config) -> sampling.Settings:
 def check_config(config) -> None:
   """Rejects bad settings before any model is loaded."""
   if config.mode not in MODES:
-    raise ValueError(f"mode={config.mode!r} must be one of {list(MODES)}.")
+    raise UserError(f"mode={config.mode!r} must be one of {list(MODES)}.")
   for name in ("num_samples", "completions_per_image", "batch_size"):
     if int(config[name]) < 1:
-      raise ValueError(f"{name}={config[name]} must be >= 1.")
+      raise UserError(f"{name}={config[name]} must be >= 1.")
   for name in ("prompt_rows", "first_image_index", "upscale_factor", "segment_positions"):
     if int(config[name]) < 0:
-      raise ValueError(f"{name}={config[name]} must be >= 0.")
+      raise UserError(f"{name}={config[name]} must be >= 0.")
   settings_from(config)
 
 
-def load_model(workdir: str | None, step: int | None, hf_dir: str | None,
-               palette_path: str | None) -> Model:
-  """The model of a run folder (`workdir`, `step`) or of an HF checkpoint + palette file."""
-  if hf_dir:
-    if not palette_path:
-      raise ValueError("--hf needs --palette (a [k, 3] .npy of colours in [-1, 1], like "
-                       "kmeans_centers.npy).")
-    cfg, params = convert.load_hf_checkpoint(hf_dir)
-    centers = palette.load_palette(palette_path)
-    if len(centers) < cfg.vocab_size:
-      raise ValueError(f"the palette {palette_path} has {len(centers)} colours but the model "
-                       f"has {cfg.vocab_size} tokens: use the palette it was trained with.")
-    return Model(cfg, jax.tree.map(jax.numpy.asarray, params), np.asarray(centers, np.float32))
-  if not workdir:
-    raise ValueError("give --workdir (a run folder) or --hf (a transformers ImageGPT folder).")
-  r = run.load_run(workdir, step)
-  if len(r.palette) < r.model_cfg.vocab_size:
+def load_model(source: trained.ModelSource) -> trained.TrainedModel:
+  """The model to sample from: it needs a palette to turn its tokens into pixels."""
+  source.check()
+  if source.hf and not source.palette:
+    raise UserError("--hf needs --palette (a [k, 3] .npy of colours in [-1, 1], like "
+                    "kmeans_centers.npy).")
+  m = source.load()
+  if len(m.palette) < m.model_cfg.vocab_size:
     # Tokens past the palette cannot be drawn; the model should never predict them, but a
     # sample could, so refuse rather than fail at the end.
-    raise ValueError(f"the run's palette has {len(r.palette)} colours but the model has "
-                     f"{r.model_cfg.vocab_size} tokens.")
-  return Model(r.model_cfg, r.params, r.palette, r.config.data, r.step, workdir)
+    raise UserError(f"the palette of {m.description} has {len(m.palette)} colours but the "
+                    f"model has {m.model_cfg.vocab_size} tokens: use the palette it was "
+                    "trained with.")
+  return m
 
 
 def prompt_rows(config, side: int) -> int:
   """Rows kept from each image: config.prompt_rows, or the top half when it is 0."""
   rows = int(config.prompt_rows) or side // 2
   if rows >= side:
-    raise ValueError(f"prompt_rows={rows} leaves nothing to sample: the images have {side} rows "
-                     f"(use at most {side - 1}).")
+    raise UserError(f"prompt_rows={rows} leaves nothing to sample: the images have {side} rows "
+                    f"(use at most {side - 1}).")
   return rows
 
 
-def load_images(config, m: Model) -> np.ndarray:
+def load_images(config, m: trained.TrainedModel) -> np.ndarray:
   """uint8 [num_samples, side, side, 3] to complete: image files or a split of the run's data."""
   first, count = int(config.first_image_index), int(config.num_samples)
   if config.images:
     files = []
     for path in str(config.images).split(","):
       if os.path.isdir(path):
-        files += readers._image_files(path)  # pylint: disable=protected-access
+        files += readers.image_files(path)
       elif os.path.isfile(path):
         files.append(path)
       else:
-        raise FileNotFoundError(f"images: {path!r} is neither an image file nor a folder.")
-    source = readers.FileSource(files, None, m.side, "image files", None)
+        raise MissingFileError(f"images: {path!r} is neither an image file nor a folder.")
+    source = readers.FileSource(files, None, m.image_side, "image files", None)
   elif m.data is None:
-    raise ValueError("--hf has no training data to take prompts from: set --config.images "
-                     "(files or folders) or --config.mode=unconditional.")
+    raise UserError("--hf has no training data to take prompts from: set --config.images "
+                    "(files or folders) or --config.mode=unconditional.")
   else:
-    source = readers.make_source(m.data, config.split, m.side)
+    source = readers.make_source(m.data, config.split, m.image_side)
   if first + count > len(source):
-    raise ValueError(f"first_image_index={first} + num_samples={count} exceeds the "
-                     f"{len(source)} images of {source.description}.")
+    raise UserError(f"first_image_index={first} + num_samples={count} exceeds the "
+                    f"{len(source)} images of {source.description}.")
   return source.get(np.arange(first, first + count))[0]
 
 
@@ -141,7 +116,7 @@ class Progress:
     return report
 
 
-def sample_all(m: Model, prompts_BxN: np.ndarray, settings: sampling.Settings, seed: int,
+def sample_all(m: trained.TrainedModel, prompts_BxN: np.ndarray, settings: sampling.Settings, seed: int,
                batch_size: int, segment_len: int | None) -> np.ndarray:
   """Tokens [B, L] for every prompt row (N may be 0), `batch_size` rows at a time.
 
@@ -152,13 +127,13 @@ def sample_all(m: Model, prompts_BxN: np.ndarray, settings: sampling.Settings, s
   total, num_prompt = prompts_BxN.shape
   batch_size = math.ceil(min(batch_size, total) / len(devices)) * len(devices)
   mesh = sampling.batch_mesh(devices) if len(devices) > 1 else None
-  new_pixels = m.cfg.seq_len - num_prompt
+  new_pixels = m.model_cfg.seq_len - num_prompt
   progress = Progress(total * new_pixels, num_prompt)
   out = []
   for i, start in enumerate(range(0, total, batch_size)):
     chunk = prompts_BxN[start:start + batch_size]
     padded = np.pad(chunk, ((0, batch_size - len(chunk)), (0, 0)))
-    tokens = sampling.sample(m.cfg, m.params, padded, jax.random.fold_in(jax.random.key(seed), i),
+    tokens = sampling.sample(m.model_cfg, m.params, padded, jax.random.fold_in(jax.random.key(seed), i),
                              settings, segment_len=segment_len, mesh=mesh,
                              progress=progress.batch(start * new_pixels, len(chunk)))
     out.append(np.asarray(tokens)[:len(chunk)])
@@ -180,39 +155,38 @@ def write_outputs(out_dir: str, name: str, picture: np.ndarray, tokens: np.ndarr
   return png
 
 
-def main(config, workdir: str | None, step: int | None, hf_dir: str | None,
-         palette_path: str | None, out_dir: str | None) -> str:
-  """Samples as `config` says; returns the PNG's path."""
+def main(config, source: trained.ModelSource, out_dir: str | None) -> str:
+  """Samples the model of `source` as `config` says; returns the PNG's path."""
   check_config(config)
   settings = settings_from(config)
-  m = load_model(workdir, step, hf_dir, palette_path)
-  settings.check(m.cfg.vocab_size)
+  m = load_model(source)
+  settings.check(m.model_cfg.vocab_size)
   segment_len = int(config.segment_positions) or None
-  side, seq_len = m.side, m.cfg.seq_len
+  side, seq_len = m.image_side, m.model_cfg.seq_len
   upscale = upscale_factor(config, side)
   if config.mode == "completion":
     rows = prompt_rows(config, side)
     images = load_images(config, m)
-    originals = palette.encode(images, m.centers)
+    originals = palette.encode(images, m.palette)
     per_image = int(config.completions_per_image)
     prompts = np.repeat(originals[:, :rows * side], per_image, axis=0)
     logging.info("completing %d images x %d from their top %d of %d rows", len(images),
                  per_image, rows, side)
     tokens = sample_all(m, prompts, settings, int(config.seed), int(config.batch_size),
                         segment_len).reshape(len(images), per_image, seq_len)
-    decoded = palette.decode(tokens, m.centers, side)
-    quantised = palette.decode(originals, m.centers, side)
+    decoded = palette.decode(tokens, m.palette, side)
+    quantised = palette.decode(originals, m.palette, side)
     picture = grid(completion_rows(quantised, decoded, rows), upscale)
   else:
     num = int(config.num_samples)
     logging.info("drawing %d unconditional samples", num)
     tokens = sample_all(m, np.zeros((num, 0), np.int32), settings, int(config.seed),
                         int(config.batch_size), segment_len)
-    decoded = palette.decode(tokens, m.centers, side)
+    decoded = palette.decode(tokens, m.palette, side)
     columns = int(config.grid_columns) or num
     picture = grid([list(decoded[i:i + columns]) for i in range(0, num, columns)], upscale)
   name = config.name or f"{config.mode}_step{m.step}_seed{config.seed}"
-  out_dir = out_dir or (os.path.join(m.workdir, "samples") if m.workdir else "samples")
+  out_dir = out_dir or (run.path(m.workdir, run.SAMPLES_DIR) if m.workdir else run.SAMPLES_DIR)
   png = write_outputs(out_dir, name, picture, tokens.astype(np.int16))
   logging.info("wrote %s and %s.npy", png, os.path.splitext(png)[0])
   return png

@@ -20,6 +20,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from igpt import trees
+from igpt.errors import MissingDependencyError, MissingFileError, UserError
 from igpt.model import NORM_EPS, ModelConfig
 
 # Prefix of the base transformer inside ImageGPTForCausalImageModeling /
@@ -61,25 +63,25 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
 
   eps = float(_field(hf_config, "layer_norm_epsilon", default=1e-5))
   if not math.isclose(eps, NORM_EPS, rel_tol=1e-6):
-    raise ValueError(f"HF config layer_norm_epsilon={eps}: our norm uses {NORM_EPS}.")
+    raise UserError(f"HF config layer_norm_epsilon={eps}: our norm uses {NORM_EPS}.")
   act = _field(hf_config, "activation_function", default="quick_gelu")
   if act != "quick_gelu":
-    raise ValueError(f"HF config activation_function={act!r}: our MLP uses quick_gelu.")
+    raise UserError(f"HF config activation_function={act!r}: our MLP uses quick_gelu.")
   n_inner = _field(hf_config, "n_inner")
   if n_inner is not None and int(n_inner) != 4 * d:
-    raise ValueError(f"HF config n_inner={n_inner}: our MLP width is 4 * n_embd = {4 * d}.")
+    raise UserError(f"HF config n_inner={n_inner}: our MLP width is 4 * n_embd = {4 * d}.")
   # Flags that change the math away from the original model. (tie_word_embeddings is not
   # checked: the head is read from lm_head.weight, whatever the flag says.)
   for flag, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                      ("add_cross_attention", False)):
     got = _field(hf_config, flag, default=want)
     if bool(got) != want:
-      raise ValueError(f"HF config {flag}={got}: only {flag}={want} matches iGPT.")
+      raise UserError(f"HF config {flag}={got}: only {flag}={want} matches iGPT.")
   side = math.isqrt(n_positions)
   if side * side != n_positions:
-    raise ValueError(f"HF config n_positions={n_positions} is not a square image (side**2).")
+    raise UserError(f"HF config n_positions={n_positions} is not a square image (side**2).")
   if vocab < 2:
-    raise ValueError(f"HF config vocab_size={vocab}: it must count the colours plus SOS.")
+    raise UserError(f"HF config vocab_size={vocab}: it must count the colours plus SOS.")
   return ModelConfig(num_layers=n_layer, d_model=d, num_heads=n_head, seq_len=n_positions,
                      vocab_size=vocab - 1, causal=True)
 
@@ -87,8 +89,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
 def hf_config_from_model(cfg: ModelConfig) -> dict:
   """config.json fields for an HF ImageGPTForCausalImageModeling equal to `cfg`."""
   if not cfg.causal:
-    raise ValueError("HF ImageGPT is autoregressive only; a BERT-objective model (causal=False) "
-                     "has no HF equivalent.")
+    raise UserError("HF ImageGPT is autoregressive only; a BERT-objective model (causal=False) "
+                    "has no HF equivalent.")
   return {
       "architectures": ["ImageGPTForCausalImageModeling"],
       "model_type": "imagegpt",
@@ -151,16 +153,16 @@ def _detect_prefix(keys) -> str:
     return HF_PREFIX
   if "wte.weight" in keys:
     return ""
-  raise ValueError("not an ImageGPT state dict: found neither 'transformer.wte.weight' nor "
-                   f"'wte.weight' among keys {sorted(keys)[:8]}...")
+  raise UserError("not an ImageGPT state dict: found neither 'transformer.wte.weight' nor "
+                  f"'wte.weight' among keys {sorted(keys)[:8]}...")
 
 
 def _check_zero_bias(key: str, bias: np.ndarray, bias_atol: float):
   worst = float(np.max(np.abs(bias))) if bias.size else 0.0
   if worst > bias_atol:
-    raise ValueError(
-        f"{key} has non-zero entries (max |b| = {worst:.3g}); iGPT has no linear biases, so this "
-        "checkpoint cannot be represented exactly. Only converted checkpoints (zero biases) load.")
+    raise UserError(
+                    f"{key} has non-zero entries (max |b| = {worst:.3g}); iGPT has no linear biases, so this "
+                    "checkpoint cannot be represented exactly. Only converted checkpoints (zero biases) load.")
 
 
 def params_from_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any] | Any, *,
@@ -183,34 +185,36 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[
   weights = _expected_hf_shapes(cfg, prefix)
   biases = _bias_shapes(cfg, prefix)
   head_key = "lm_head.weight"
-  known = set(weights) | set(biases) | {head_key, HF_CLASSIFIER_KEY}
-
-  unexpected = sorted(k for k in keys - known if not k.endswith(_IGNORED_SUFFIXES))
-  if unexpected:
-    raise ValueError(f"unexpected key {unexpected[0]!r} in the HF state dict ({len(unexpected)} "
-                     f"unexpected in all: {unexpected[:5]}); is hf_config the checkpoint's own?")
-  missing = sorted(set(weights) - keys)
-  if missing:
-    raise ValueError(f"missing key {missing[0]!r} in the HF state dict ({len(missing)} missing: "
-                     f"{missing[:5]}); does hf_config (n_layer={cfg.num_layers}) match?")
-  missing_biases = sorted(set(biases) - keys)
-  if require_biases and missing_biases:
-    raise ValueError(f"missing Conv1D bias {missing_biases[0]!r} in the HF state dict "
-                     f"({len(missing_biases)} missing); a whole ImageGPT checkpoint has them all.")
-  if head_key not in keys and not allow_missing_head:
-    raise ValueError(f"the state dict has no {head_key!r} (an ImageGPTModel checkpoint?): our "
-                     "model needs the output head. Pass allow_missing_head=True to use zeros "
-                     "(hidden states stay exact, logits become zero).")
-
   v, d = cfg.vocab_size, cfg.d_model
   shapes = dict(weights, **biases, **{head_key: (v, d)})
-  arrays = {}
-  for key in sorted(keys & set(shapes)):
-    arr = _to_numpy(state_dict[key])
-    if arr.shape != shapes[key]:
-      raise ValueError(f"{key} has shape {arr.shape}, expected {shapes[key]} from the config "
-                       f"(n_embd={d}, n_positions={cfg.seq_len}, vocab_size={v + 1}).")
-    arrays[key] = arr
+  got = {k: tuple(np.shape(x)) for k, x in state_dict.items()}
+  # Biases and the head may be missing (see the docstring), and buffers and the classifier are
+  # extra keys to ignore: each kind of difference is judged on its own below.
+  diff = trees.leaf_diff(shapes, got)
+
+  unexpected = [k for k in diff.unexpected
+                if k != HF_CLASSIFIER_KEY and not k.endswith(_IGNORED_SUFFIXES)]
+  if unexpected:
+    raise UserError(f"unexpected key {unexpected[0]!r} in the HF state dict ({len(unexpected)} "
+                    f"unexpected in all: {unexpected[:5]}); is hf_config the checkpoint's own?")
+  missing = [k for k in diff.missing if k in weights]
+  if missing:
+    raise UserError(f"missing key {missing[0]!r} in the HF state dict ({len(missing)} missing: "
+                    f"{missing[:5]}); does hf_config (n_layer={cfg.num_layers}) match?")
+  missing_biases = [k for k in diff.missing if k in biases]
+  if require_biases and missing_biases:
+    raise UserError(f"missing Conv1D bias {missing_biases[0]!r} in the HF state dict "
+                    f"({len(missing_biases)} missing); a whole ImageGPT checkpoint has them all.")
+  if head_key not in keys and not allow_missing_head:
+    raise UserError(f"the state dict has no {head_key!r} (an ImageGPTModel checkpoint?): our "
+                    "model needs the output head. Pass allow_missing_head=True to use zeros "
+                    "(hidden states stay exact, logits become zero).")
+  if diff.misshapen:
+    key = diff.misshapen[0]
+    raise UserError(f"{key} has shape {got[key]}, expected {shapes[key]} from the config "
+                    f"(n_embd={d}, n_positions={cfg.seq_len}, vocab_size={v + 1}).")
+
+  arrays = {key: _to_numpy(state_dict[key]) for key in sorted(keys & set(shapes))}
   for key in sorted(set(biases) & keys):
     _check_zero_bias(key, arrays[key], bias_atol)
 
@@ -267,7 +271,7 @@ def params_to_hf_state_dict(cfg: ModelConfig, params: Mapping[str, Any]) -> dict
   `ImageGPTForCausalImageModeling.load_state_dict(..., strict=True)` accepts it.
   """
   if not cfg.causal:
-    raise ValueError("HF ImageGPT is autoregressive only; cannot export a causal=False model.")
+    raise UserError("HF ImageGPT is autoregressive only; cannot export a causal=False model.")
   d, v, p = cfg.d_model, cfg.vocab_size, HF_PREFIX
   f32 = lambda x: np.asarray(x, dtype=np.float32)
   sd = {f"{p}wte.weight": np.concatenate([f32(params["wte"]), f32(params["sos"])[None]], 0),
@@ -312,7 +316,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     try:
       from safetensors.torch import load_file as load_torch
     except ImportError:
-      raise ValueError(f"cannot read {path} with numpy ({e}); install torch to read it.") from e
+      raise UserError(f"cannot read {path} with numpy ({e}); install torch to read it.") from e
     return {k: _to_numpy(t) for k, t in load_torch(path).items()}
 
 
@@ -320,8 +324,8 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError as e:
-    raise ImportError(f"{path} is a PyTorch pickle: reading it needs torch (pip install torch), "
-                      "or convert it to model.safetensors first.") from e
+    raise MissingDependencyError(f"{path} is a PyTorch pickle: reading it needs torch (pip "
+                                 "install torch), or convert it to model.safetensors first.") from e
   state_dict = torch.load(path, map_location="cpu", weights_only=True)
   return {k: _to_numpy(t) for k, t in state_dict.items()}
 
@@ -332,21 +336,21 @@ def _read_hf_config(config_path: str) -> dict:
     with open(config_path) as f:
       hf_config = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{config_path} is not a JSON config ({e}).") from e
+    raise UserError(f"{config_path} is not a JSON config ({e}).") from e
   if not isinstance(hf_config, dict) or not hf_config:
-    raise ValueError(f"{config_path} is empty or not a JSON object; an ImageGPT config.json "
-                     "names model_type 'imagegpt' and the model's sizes.")
+    raise UserError(f"{config_path} is empty or not a JSON object; an ImageGPT config.json "
+                    "names model_type 'imagegpt' and the model's sizes.")
   model_type = hf_config.get("model_type", "imagegpt")
   if model_type != "imagegpt":
-    raise ValueError(f"{config_path} has model_type={model_type!r}: only ImageGPT checkpoints "
-                     "(model_type 'imagegpt') load.")
+    raise UserError(f"{config_path} has model_type={model_type!r}: only ImageGPT checkpoints "
+                    "(model_type 'imagegpt') load.")
   # Without model_type (hand-written configs) the sizes must be spelled out: defaults would
   # silently make an iGPT-S.
   sizes = ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size")
   missing = [k for k in sizes if k not in hf_config]
   if "model_type" not in hf_config and missing:
-    raise ValueError(f"{config_path} has no model_type and lacks {missing}; an ImageGPT "
-                     "config.json names model_type 'imagegpt' and the model's sizes.")
+    raise UserError(f"{config_path} has no model_type and lacks {missing}; an ImageGPT "
+                    "config.json names model_type 'imagegpt' and the model's sizes.")
   return hf_config
 
 
@@ -360,8 +364,8 @@ def load_hf_checkpoint(path_or_dir: str, **kwargs) -> tuple[ModelConfig, dict]:
   model_type but every size given), and every Conv1D bias must be there (and zero).
   """
   if not os.path.exists(path_or_dir):
-    raise FileNotFoundError(f"{path_or_dir} does not exist; give an HF ImageGPT folder "
-                            "(config.json + model.safetensors) or its weights file.")
+    raise MissingFileError(f"{path_or_dir} does not exist; give an HF ImageGPT folder "
+                           "(config.json + model.safetensors) or its weights file.")
   if os.path.isdir(path_or_dir):
     directory, weights = path_or_dir, None
     for name in ("model.safetensors", "pytorch_model.bin"):
@@ -369,16 +373,16 @@ def load_hf_checkpoint(path_or_dir: str, **kwargs) -> tuple[ModelConfig, dict]:
         weights = os.path.join(directory, name)
         break
     if weights is None:
-      raise FileNotFoundError(f"{directory} has neither model.safetensors nor pytorch_model.bin "
-                              "(sharded checkpoints are not supported).")
+      raise MissingFileError(f"{directory} has neither model.safetensors nor pytorch_model.bin "
+                             "(sharded checkpoints are not supported).")
   else:
     directory, weights = os.path.dirname(path_or_dir) or ".", path_or_dir
     if weights.endswith(".json"):
-      raise ValueError(f"{weights} is a JSON file, not weights: give the checkpoint folder or "
-                       "its model.safetensors / pytorch_model.bin.")
+      raise UserError(f"{weights} is a JSON file, not weights: give the checkpoint folder or "
+                      "its model.safetensors / pytorch_model.bin.")
   config_path = os.path.join(directory, "config.json")
   if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found: the HF config is needed for the shapes.")
+    raise MissingFileError(f"{config_path} not found: the HF config is needed for the shapes.")
   hf_config = _read_hf_config(config_path)
   if weights.endswith(".safetensors"):
     state_dict = _read_safetensors(weights)
