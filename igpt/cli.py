@@ -48,8 +48,9 @@ def is_user_error(e: BaseException) -> bool:
 
 class _QuietConsole:
   """Drops chatter from the console: Orbax's per-save INFO lines, and JAX's note that it found
-  no TPU (it then uses the GPU or CPU, as asked). Orbax's errors keep their one line but lose
-  their tracebacks (the error reaches the entry point, which reports it); --debug keeps them."""
+  no TPU (it then uses the GPU or CPU, as asked). Orbax's errors are dropped and its warnings
+  lose their tracebacks: a failed save or read reaches the entry point, which reports it in
+  one line naming the path; --debug keeps them all."""
 
   def __init__(self, debug: bool):
     self.debug = debug
@@ -59,6 +60,8 @@ class _QuietConsole:
     if record.levelno >= pylogging.WARNING:
       # Orbax's background saves run on asyncio: a failed one logs there too.
       if (from_orbax or "/asyncio/" in record.pathname) and not self.debug:
+        if record.levelno >= pylogging.ERROR:
+          return False
         record.exc_info, record.exc_text = None, None
       return True
     if from_orbax:
@@ -213,7 +216,18 @@ def define_config_file(default_path: str, help_text: str):
 
 def _fail_flags(e: BaseException, argv) -> None:
   if isinstance(e, flags.Error):
-    fail(error_line(e))
+    text = error_line(e)
+    if "Error whilst parsing config file" in text:
+      # ml_collections puts the config file's whole traceback in its message.
+      spec = _flag_value(argv, "config")
+      raised = list(re.finditer(r"(\w+(?:Error|Exception)): ", text))
+      last = text[raised[-1].end():] if raised else text
+      if "get_config() takes" in last and ":" in spec:
+        fail(f"the config file {spec.rpartition(':')[0]} takes no variant (':"
+             f"{spec.rpartition(':')[2]}'); drop it, or use a config file whose get_config "
+             "takes one (e.g. configs/igpt_s.py:cifar10).")
+      fail(f"cannot read the config file {spec}: {last.strip()[:300]}")
+    fail(text)
   if isinstance(e, AttributeError):
     if "get_config" in str(e):
       fail(f"the config file {_flag_value(argv, 'config')} has no get_config() function; a "

@@ -142,6 +142,11 @@ def base_config(*, num_layers: int, d_model: int, num_heads: int, image_side: in
   return c
 
 
+# Fields that name a file or folder: compared on resume as the paths they point to, so the
+# same place given relative or absolute is the same run.
+PATH_FIELDS = ("init_from", "data.path", "data.data_dir", "data.palette_path")
+
+
 def may_change_on_resume(field: str) -> bool:
   """Whether the flattened config field `field` ("train.total_steps") may differ on resume."""
   return any(field == s or (s.endswith(".") and field.startswith(s))

@@ -13,7 +13,9 @@ indices count from the end). Its feature, as in the paper, is
 One jitted forward per batch gives every requested layer (the blocks after the deepest one
 are dead code XLA drops); batches are sharded over the mesh's batch axes. With a cache folder
 each (model, data, split, layer, pooling) lands in its own `.npz`, so a later probe of other
-layers only computes the missing ones.
+layers only computes the missing ones. A cache file is trusted only if it opens and holds this
+entry's key and arrays of the expected shapes; any other file (cut off, overwritten, from an
+older version) is recomputed with a warning naming it and the reason.
 """
 
 from __future__ import annotations
@@ -23,18 +25,22 @@ import hashlib
 import json
 import os
 import re
+import zipfile
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from igpt import fileio, model, pipeline, sharding, trained
 from igpt.errors import UserError
 from igpt.model import ModelConfig
 
 POOLINGS = ("norm", "raw")
+# What np.load raises on a damaged file: a cut-off or empty one, random bytes, a bad zip member.
+_UNREADABLE = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
 
 
 def resolve_layers(spec, num_layers: int) -> list[int]:
@@ -144,11 +150,29 @@ class FeatureExtractor:
                       "palette": palette_hash[:16], "model": repr(model_cfg)}
     self.cache_hits, self.cache_misses = 0, 0  # layers read from / written to the cache
 
-  def _cache_path(self, data_key: dict, layer: int) -> str:
+  def _cache_entry(self, data_key: dict, layer: int) -> tuple[str, str]:
+    """(file, key digest) of one layer's features; the digest is also stored in the file."""
     key = json.dumps({"model": self.model_key, "data": data_key, "layer": layer,
                       "pooling": self.pooling}, sort_keys=True, default=str)
-    digest = hashlib.sha1(key.encode()).hexdigest()[:20]
-    return os.path.join(self.cache_dir, f"{data_key.get('split', 'data')}-l{layer}-{digest}.npz")
+    digest = hashlib.sha1(key.encode()).hexdigest()
+    name = f"{data_key.get('split', 'data')}-l{layer}-{digest[:20]}.npz"
+    return os.path.join(self.cache_dir, name), digest
+
+  def _read_cache(self, path: str, digest: str, rows: int):
+    """(features [rows, D], labels [rows]) from a cache file; None if it is absent, or (with a
+    warning) when it cannot be trusted."""
+    if not os.path.isfile(path):
+      return None
+    try:
+      arrays = _load_npz(path)
+    except _UNREADABLE as e:
+      problem = f"unreadable ({type(e).__name__}: {e})"
+    else:
+      problem = _cache_problem(arrays, digest, rows, self.model_cfg.d_model)
+    if problem:
+      logging.warning("Feature cache %s cannot be used: %s; recomputing it.", path, problem)
+      return None
+    return arrays["features"], arrays["labels"]
 
   def compute(self, source, layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Runs the model over `source`: (float32 [N, len(layers), D], int32 labels [N])."""
@@ -173,10 +197,9 @@ class FeatureExtractor:
     todo = list(layers)
     if self.cache_dir:
       for layer in layers:
-        path = self._cache_path(data_key, layer)
-        if os.path.isfile(path):
-          with np.load(path) as f:
-            out[layer], labels = f["features"], f["labels"]
+        cached = self._read_cache(*self._cache_entry(data_key, layer), len(source))
+        if cached is not None:
+          out[layer], labels = cached
           todo.remove(layer)
           self.cache_hits += 1
     if todo:
@@ -184,11 +207,37 @@ class FeatureExtractor:
       for k, layer in enumerate(todo):
         out[layer] = feats_NxKxD[:, k]
         if self.cache_dir and jax.process_index() == 0:
-          self._save(self._cache_path(data_key, layer), out[layer], labels)
+          self._save(*self._cache_entry(data_key, layer), out[layer], labels)
           self.cache_misses += 1
     return out, labels
 
-  def _save(self, path: str, feats_NxD: np.ndarray, labels_N: np.ndarray) -> None:
+  def _save(self, path: str, digest: str, feats_NxD: np.ndarray, labels_N: np.ndarray) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with fileio.atomic_open(path, "wb") as f:  # a killed run leaves no half-written cache
-      np.savez(f, features=feats_NxD, labels=labels_N)
+      np.savez(f, features=feats_NxD, labels=labels_N, key=np.array(digest))
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+  """Every array of an `.npz` file, read in full (so that zip's CRC check runs on each)."""
+  # np.load would take other bytes for a pickle or a bare .npy, and say so misleadingly.
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic != b"PK\x03\x04":
+    raise ValueError("the file is empty" if not magic else "not an .npz (zip) archive")
+  with np.load(path, allow_pickle=False) as loaded:
+    return {name: loaded[name] for name in loaded.files}
+
+
+def _cache_problem(arrays: dict, digest: str, rows: int, width: int) -> str | None:
+  """Why the arrays of a cache file are not this entry's features, or None."""
+  for name in ("features", "labels", "key"):
+    if name not in arrays:
+      return f"it has no {name!r} array (it holds {sorted(arrays)})"
+  feats, labels, key = arrays["features"], arrays["labels"], arrays["key"]
+  if key.shape != () or str(key) != digest:
+    return "its stored key is not this entry's (a copied or renamed file?)"
+  if feats.dtype != np.float32 or feats.shape != (rows, width):
+    return f"features are {feats.dtype} {feats.shape}, expected float32 {(rows, width)}"
+  if labels.dtype != np.int32 or labels.shape != (rows,):
+    return f"labels are {labels.dtype} {labels.shape}, expected int32 {(rows,)}"
+  return None

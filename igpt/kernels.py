@@ -48,9 +48,9 @@ def resolve_attention(requested: str, dtype: str, head_dim: int, backend: str) -
                       f"{backend!r}; use 'auto', 'xla' or 'blocked'.")
     if not cudnn_ok:
       raise UserError(
-                      f"model.attention='cudnn' needs model.dtype bfloat16 or float16 and a head size "
-                      f"(d_model / num_heads) that is a multiple of 8 up to {_CUDNN_MAX_HEAD_DIM}; got "
-                      f"dtype {dtype!r} and head size {head_dim}. Use 'auto' or 'xla'.")
+          f"model.attention='cudnn' needs model.dtype bfloat16 or float16 and a head size "
+          f"(d_model / num_heads) that is a multiple of 8 up to {_CUDNN_MAX_HEAD_DIM}; got "
+          f"dtype {dtype!r} and head size {head_dim}. Use 'auto' or 'xla'.")
   return requested
 
 

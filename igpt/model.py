@@ -53,8 +53,8 @@ class ModelConfig:
   def __post_init__(self):
     if self.d_model % self.num_heads:
       raise UserError(
-                      f"model.d_model={self.d_model} is not divisible by model.num_heads="
-                      f"{self.num_heads}; pick a head count that divides the width.")
+          f"model.d_model={self.d_model} is not divisible by model.num_heads="
+          f"{self.num_heads}; pick a head count that divides the width.")
     if self.dtype not in DTYPES:
       raise UserError(f"model.dtype={self.dtype!r}: use one of {list(DTYPES)}.")
     if self.attention not in kernels.ATTENTION_CHOICES:
@@ -335,6 +335,18 @@ def decode_params(params) -> dict:
       block = {**block, "attn": {**attn, "qkv": qkv}}
     blocks[name] = block
   return blocks
+
+
+def restrict_vocab(cfg: ModelConfig, params, vocab_size: int) -> tuple[ModelConfig, dict]:
+  """The model over its first `vocab_size` tokens only: the embedding and output-head rows of
+  the rest dropped, so it can neither read nor predict them (its softmax is the original's
+  renormalised over the tokens kept)."""
+  if not 1 <= vocab_size <= cfg.vocab_size:
+    raise UserError(f"vocab_size={vocab_size} must be in [1, {cfg.vocab_size}].")
+  if vocab_size == cfg.vocab_size:
+    return cfg, params
+  params = {**params, "wte": params["wte"][:vocab_size], "wtet": params["wtet"][:vocab_size]}
+  return dataclasses.replace(cfg, vocab_size=vocab_size), params
 
 
 def logical_axes(cfg: ModelConfig):

@@ -351,9 +351,9 @@ def load_palette(path) -> np.ndarray:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise MissingFileError(
-                           f"Palette file {path!r} does not exist. Fit one with igpt.palette.fit_palette and "
-                           f"save_palette (training does this when data.palette_path is empty), or point "
-                           f"data.palette_path at an existing kmeans_centers.npy.")
+        f"Palette file {path!r} does not exist. Fit one with igpt.palette.fit_palette and "
+        f"save_palette (training does this when data.palette_path is empty), or point "
+        f"data.palette_path at an existing kmeans_centers.npy.")
   try:
     centers = np.load(path, allow_pickle=False)
   except Exception as e:  # np.load raises several types for a non-npy or truncated file

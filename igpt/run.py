@@ -106,8 +106,9 @@ def checkpoint_steps(workdir: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
 
 
-def check_stored_config(workdir: str, config_json: dict) -> None:
-  """Stops a run whose config would change the model or data of the run already in `workdir`.
+def check_stored_config(workdir: str, config_json: dict, total_steps: int) -> None:
+  """Stops a run whose config would change the model or data of the run already in `workdir`,
+  or that asks for fewer steps than the run has made.
 
   The newest checkpoint whose `extra` reads holds the truth (config.json is only its copy,
   and may have been edited by hand); a folder without checkpoints is checked against its
@@ -119,10 +120,16 @@ def check_stored_config(workdir: str, config_json: dict) -> None:
     with checkpointer(workdir) as ckpt:
       for step in reversed(ckpt.all_steps()):
         try:
-          stored, source = ckpt.read_extra(step)["config"], f"checkpoint {step}"
-          break
+          extra = ckpt.read_extra(step)
+          stored, source = extra["config"], f"checkpoint {step}"
         except Exception:  # noqa: BLE001  (damaged: the restore sets it aside later)
           continue
+        if step > total_steps:
+          raise workdirs.WorkdirError(
+              f"the run in {workdir} is at step {step}, past train.total_steps="
+              f"{total_steps}: there is nothing to train. Use a new --workdir for a "
+              f"{total_steps}-step run, or train.total_steps >= {step} to go on.")
+        break
   config_path = path(workdir, CONFIG_FILE)
   if os.path.isfile(config_path):
     try:
@@ -144,13 +151,13 @@ def check_stored_config(workdir: str, config_json: dict) -> None:
     logging.info("Resuming %s with changed settings: %s.", workdir, "; ".join(safe))
 
 
-def prepare_palette(spec, train_source, workdir: str) -> np.ndarray:
-  """The run's palette, stored as workdir/palette.npy so a resumed run encodes the same way.
+def choose_palette(spec, train_source, workdir: str) -> tuple[np.ndarray, str]:
+  """(the run's palette, what it is) without writing anything.
 
   workdir/palette.npy if present (a resumed run), else `data.palette_path` as is, else fitted
-  on `data.palette_fit_pixels` training pixels (deterministic in `config.seed`).
+  on `data.palette_fit_pixels` training pixels (deterministic in `config.seed`). "what":
+  "stored", "given" or "fitted".
   """
-  os.makedirs(workdir, exist_ok=True)
   palette_path = path(workdir, PALETTE_FILE)
   data = spec.data
   given, vocab_size = data.palette_path, spec.model.vocab_size
@@ -161,20 +168,42 @@ def prepare_palette(spec, train_source, workdir: str) -> np.ndarray:
           f"{palette_path} (the run's palette) differs from data.palette_path={given!r}; "
           "resume with the same palette or use a fresh workdir.")
     logging.info("Palette: reusing %s (%d colours).", palette_path, len(centers))
+    how = "stored"
   elif given:
-    centers = palette.load_palette(given)
-    palette.check_fits(centers, vocab_size, f"the palette {given}")  # before the copy
-    palette.save_palette(palette_path, centers)  # atomic: a kill never leaves half a file
-    logging.info("Palette: %s (%d colours), copied to %s.", given, len(centers), palette_path)
+    centers, how = palette.load_palette(given), "given"
   else:
     t0 = time.time()
     centers = pipeline.fit_palette(train_source, data.palette_size, data.palette_fit_pixels,
                                    spec.config.seed)
-    palette.save_palette(palette_path, centers)
-    logging.info("Palette: fitted %d colours on %d pixels in %.1fs, saved to %s.",
-                 len(centers), data.palette_fit_pixels, time.time() - t0, palette_path)
-  palette.check_fits(centers, vocab_size, f"the palette {palette_path}")
-  return np.asarray(centers, np.float32)
+    logging.info("Palette: fitted %d colours on %d pixels in %.1fs.", len(centers),
+                 data.palette_fit_pixels, time.time() - t0)
+    how = "fitted"
+  palette.check_fits(centers, vocab_size, f"the palette {given or palette_path}")
+  if len(centers) < vocab_size:
+    # The rule for every entry point: tokens past the palette never occur in the data and
+    # are never drawn (sampling keeps to the palette's colours).
+    logging.warning("The palette has %d colours for the model's %d tokens: tokens %d-%d never "
+                    "occur, and sampling draws only the palette's colours (set "
+                    "data.palette_size=%d to drop them).", len(centers), vocab_size,
+                    len(centers), vocab_size - 1, len(centers))
+  return np.asarray(centers, np.float32), how
+
+
+def prepare_palette(spec, train_source, workdir: str) -> np.ndarray:
+  """The run's palette (`choose_palette`), stored as workdir/palette.npy so a resumed run
+  encodes the same way."""
+  centers, how = choose_palette(spec, train_source, workdir)
+  _store_palette(workdir, centers, how)
+  return centers
+
+
+def _store_palette(workdir: str, centers: np.ndarray, how: str) -> None:
+  if how == "stored":
+    return
+  os.makedirs(workdir, exist_ok=True)
+  palette.save_palette(path(workdir, PALETTE_FILE), centers)  # atomic: never half a file
+  logging.info("Palette: %s %d colours, saved to %s.", how, len(centers),
+               path(workdir, PALETTE_FILE))
 
 
 class TrainingRun:
@@ -203,6 +232,14 @@ class TrainingRun:
     saved, state, extra = workdirs.restore_newest(self.ckpt, abstract_state, check_extra,
                                                   logging.info)
     if saved is None:
+      folder = self.ckpt.directory
+      damaged = sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+                       if ".damaged" in n)
+      if damaged:  # starting over silently would throw the run away
+        raise workdirs.WorkdirError(
+            f"no checkpoint in {self.ckpt.directory} reads: the damaged ones are set aside as "
+            f"{', '.join(damaged)}. To start this run over on purpose, delete or move them "
+            "(or the whole checkpoints folder); or train in a new --workdir.")
       return 0, None, {}
     start_step = int(extra["data"]["next_step"])
     if start_step != int(jax.device_get(state["step"])):
@@ -227,14 +264,27 @@ class TrainingRun:
     return os.path.join(path(self.workdir, SAMPLES_DIR), f"step_{step:07d}.png")
 
   def save(self, step: int, state, extra: dict) -> None:
-    """Starts saving checkpoint `step`; a failed earlier background save stops the run here."""
+    """Starts saving checkpoint `step` (it finishes in the background)."""
+    self.check_saves()
     try:
-      self.ckpt.check_for_errors()
       self.ckpt.save(step, state, extra)
     except Exception as e:
-      if workdirs.is_write_failure(e):
-        raise workdirs.write_error(e, self.ckpt.directory) from e
+      self._on_save_error(e)
       raise
+
+  def check_saves(self) -> None:
+    """Raises at once if a background save failed (a full disk stops the run at that save,
+    naming the folder, with its partial files removed)."""
+    try:
+      self.ckpt.check_for_errors()
+    except Exception as e:
+      self._on_save_error(e)
+      raise
+
+  def _on_save_error(self, e: Exception) -> None:
+    if workdirs.is_write_failure(e):
+      workdirs.discard_partial_saves(self.ckpt.directory)
+      raise workdirs.write_error(e, self.ckpt.directory) from e
 
   def best(self) -> "BestParams":
     return BestParams(path(self.workdir, BEST_DIR))
@@ -251,28 +301,37 @@ def open_for_training(spec, workdir: str, open_data):
   anything is written). A refused write anywhere in the block (disk full, read-only,
   permission) raises workdir.WorkdirError naming the path.
   """
-  data = None if os.path.exists(workdir) else open_data()
   is_writer = jax.process_index() == 0
+  chosen = None
+  if not os.path.exists(workdir):
+    # A new run: its data and palette are read before the folder exists, so a missing or
+    # unreadable dataset (or palette) leaves nothing behind.
+    data = open_data()
+    chosen = choose_palette(spec, data[0], workdir) if is_writer else None
   lock = (workdirs.lock(workdir, LOCK_FILE, required=False) if is_writer
           else contextlib.nullcontext(None))
   with lock as read_only:
     try:
       config_json = spec.to_json()
-      check_stored_config(workdir, config_json)
-      data = data or open_data()  # readable before any write
+      check_stored_config(workdir, config_json, spec.train.total_steps)
+      if chosen is None:
+        data = open_data()  # readable before any write
+        chosen = choose_palette(spec, data[0], workdir) if is_writer else None
       if is_writer:
         write_config(workdir, config_json)
+        _store_palette(workdir, *chosen)
       # Batches are a pure function of (seed, step) and this palette: resuming is exact.
-      centers = prepare_palette(spec, data[0], workdir) if is_writer else None
-      centers = distributed.broadcast_rows_from_process_0(centers, 3)
+      centers = distributed.broadcast_rows_from_process_0(chosen[0] if chosen else None, 3)
       # Closing waits for in-flight async saves, so the last good checkpoint is complete even
       # when training stops on a NaN (a SIGKILL loses only the save in flight).
       with checkpointer(workdir, keep=spec.train.keep_checkpoints) as ckpt:
         yield TrainingRun(workdir, spec, data, centers, ckpt, read_only)
     except workdirs.WorkdirError:
+      workdirs.discard_partial_saves(path(workdir, CHECKPOINT_DIR))
       raise
     except Exception as e:
       if workdirs.is_write_failure(e, workdir):
+        workdirs.discard_partial_saves(path(workdir, CHECKPOINT_DIR))
         raise workdirs.write_error(e, workdir) from e
       raise
 

@@ -79,13 +79,13 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   if free:
     if num_devices % fixed:
       raise UserError(
-                      f"config.mesh={sizes}: the fixed axes multiply to {fixed}, which does not divide the "
-                      f"{num_devices} devices available.")
+          f"config.mesh={sizes}: the fixed axes multiply to {fixed}, which does not divide the "
+          f"{num_devices} devices available.")
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
     raise UserError(
-                    f"config.mesh={sizes} needs {fixed} devices but {num_devices} are available; "
-                    "make the sizes multiply to the device count or set one axis to -1.")
+        f"config.mesh={sizes} needs {fixed} devices but {num_devices} are available; "
+        "make the sizes multiply to the device count or set one axis to -1.")
   return sizes
 
 

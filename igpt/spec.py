@@ -19,7 +19,7 @@ import jax
 import ml_collections
 
 from igpt import config as config_lib
-from igpt import objectives, run, sharding
+from igpt import objectives, palette, run, sharding
 from igpt.errors import MissingFileError, UserError
 from igpt.model import ModelConfig
 
@@ -80,6 +80,10 @@ def _take_init_from(config) -> None:
   source = config.init_from
   if not source:
     return
+  if not run.checkpoint_steps(source):
+    raise MissingFileError(f"init_from={source!r} has no checkpoint in "
+                           f"{run.path(source, run.CHECKPOINT_DIR)}: train that run first, or "
+                           "set init_from='' to start from a fresh init.")
   pretrained = complete(run.read_config(source))
   for key in ("num_layers", "d_model", "num_heads", "image_side", "vocab_size"):
     config.model[key] = pretrained.model[key]
@@ -89,6 +93,19 @@ def _take_init_from(config) -> None:
                            "palette.")
   config.data.palette_path = palette_path
   config.data.palette_size = int(pretrained.data.palette_size)
+
+
+def _check_optim(o) -> None:
+  if not o.lr > 0:
+    raise UserError(f"optim.lr={o.lr} must be > 0.")
+  for name in ("b1", "b2"):
+    if not 0 <= o[name] < 1:
+      raise UserError(f"optim.{name}={o[name]} must be in [0, 1).")
+  if not o.eps > 0:
+    raise UserError(f"optim.eps={o.eps} must be > 0.")
+  for name in ("weight_decay", "clip_grad_norm"):
+    if o[name] < 0:
+      raise UserError(f"optim.{name}={o[name]} must be >= 0 (0: off).")
 
 
 def resolve(config, num_devices: int | None = None, process_count: int | None = None) -> RunSpec:
@@ -114,21 +131,24 @@ def resolve(config, num_devices: int | None = None, process_count: int | None = 
   sizes = sharding.mesh_shape(config.mesh, num_devices)
   dp = sharding.data_parallel_size(sizes)
   t = config.train
+  if t.batch_size < 1:
+    raise UserError(f"train.batch_size={t.batch_size} must be >= 1.")
+  _check_optim(config.optim)
   accum = t.grad_accum_steps
   if accum < 1:
     raise UserError(f"train.grad_accum_steps={accum} must be >= 1.")
   if t.batch_size % (dp * accum):
     raise UserError(
-                    f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
-                    f"(mesh data x fsdp = {sizes['data']} x {sizes['fsdp']} = {dp}) times "
-                    f"train.grad_accum_steps={accum}; each device needs a whole micro-batch.")
+        f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
+        f"(mesh data x fsdp = {sizes['data']} x {sizes['fsdp']} = {dp}) times "
+        f"train.grad_accum_steps={accum}; each device needs a whole micro-batch.")
   if t.batch_size % process_count:
     raise UserError(f"train.batch_size={t.batch_size} is not divisible by the "
                     f"{process_count} processes.")
   if process_count > 1 and dp % process_count:
     raise UserError(
-                    f"the data-parallel size {dp} must be a multiple of the {process_count} processes, "
-                    "so every process feeds its own rows of the batch.")
+        f"the data-parallel size {dp} must be a multiple of the {process_count} processes, "
+        "so every process feeds its own rows of the batch.")
   if t.total_steps < 1:
     raise UserError(f"train.total_steps={t.total_steps} must be >= 1.")
   if not 0 <= config.optim.warmup_steps < t.total_steps:
@@ -151,11 +171,15 @@ def resolve(config, num_devices: int | None = None, process_count: int | None = 
       raise UserError(f"train.{name}={t[name]} must be >= 0 (profile_num_steps=0: no trace).")
   if config.data.palette_size > model_cfg.vocab_size:
     raise UserError(
-                    f"model.vocab_size={model_cfg.vocab_size} is smaller than data.palette_size="
-                    f"{config.data.palette_size}: every palette colour needs a token.")
-  if config.data.palette_path and not os.path.exists(config.data.palette_path):
-    raise UserError(f"data.palette_path={config.data.palette_path!r} does not exist; "
-                    "give an existing .npy palette or '' to fit one from the training data.")
+        f"model.vocab_size={model_cfg.vocab_size} is smaller than data.palette_size="
+        f"{config.data.palette_size}: every palette colour needs a token.")
+  if config.data.palette_path:
+    if not os.path.exists(config.data.palette_path):
+      raise UserError(f"data.palette_path={config.data.palette_path!r} does not exist; "
+                      "give an existing .npy palette or '' to fit one from the training data.")
+    given = palette.load_palette(config.data.palette_path)  # a [k, 3] array in [-1, 1]
+    palette.check_fits(given, model_cfg.vocab_size,
+                       f"data.palette_path={config.data.palette_path!r}")
   rules = sharding.rules_from_config(config)  # unknown mesh axes in sharding_rules
   return RunSpec(config=ml_collections.FrozenConfigDict(config), model=model_cfg,
                  objective=objective, mesh_shape=sizes, rules=rules, attention=attention,

@@ -28,11 +28,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 
 from igpt import (distributed, evaluation, guards, metrics, objectives, optim, pipeline, readers,
                   run, sharding, spec as spec_lib, train_actions, train_samples, trained)
+from igpt.errors import UserError
 from igpt.model import ModelConfig
 
 
@@ -202,9 +204,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def open_data(spec: spec_lib.RunSpec) -> tuple:
-  """The run's (train, val) sources."""
-  return tuple(readers.make_source(spec.data, split, spec.model.image_side)
-               for split in ("train", "val"))
+  """The run's (train, val) sources, their first batches read once (an unreadable image there
+  stops a new run before its folder exists); a classifier head must have a class for every
+  label."""
+  sources = tuple(readers.make_source(spec.data, split, spec.model.image_side)
+                  for split in ("train", "val"))
+  train_source, val_source = sources
+  batch_size = spec.train.batch_size
+  for source, indices in (
+      (train_source, pipeline.batch_indices_at(len(train_source), 0, batch_size,
+                                               spec.config.seed)),
+      (val_source, np.arange(min(batch_size, len(val_source))))):
+    (source.get_tokens if hasattr(source, "get_tokens") else source.get)(indices)
+  if spec.objective.has_head:
+    for source in sources:
+      if source.num_classes is None:
+        raise UserError(f"objective={spec.objective.name!r} needs labelled data, but "
+                        f"{source.description} has no labels.")
+      if source.num_classes > spec.objective.num_classes:
+        raise UserError(
+            f"finetune.num_classes={spec.objective.num_classes} but {source.description} "
+            f"has {source.num_classes} classes (labels 0-{source.num_classes - 1}); set "
+            f"--config.finetune.num_classes={source.num_classes}.")
+  return sources
 
 
 class TrainData:
@@ -289,6 +311,7 @@ def train(spec: spec_lib.RunSpec, folder: run.TrainingRun) -> dict:
       profiler.before(step)
       state, step_metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
       profiler.after(step, state)
+      folder.check_saves()  # a failed background save (a full disk) stops the run here
       done = step + 1  # steps completed == the state's step counter
       window.add(done, step_metrics)
       if done < t.total_steps:

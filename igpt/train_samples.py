@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from igpt import palette, pipeline, sampling
+from igpt import model, palette, pipeline, sampling
 from igpt.model import ModelConfig
 from igpt.pictures import TARGET_CELL_PX, completion_rows, grid
 
@@ -37,10 +37,12 @@ class TrainingSamples:
 
   def picture(self, params) -> np.ndarray:
     """Unconditional samples, then one row per held-out image: original, prompt, completions."""
-    free = sampling.sample(self.cfg, params, None, jax.random.fold_in(self.rng, 0),
+    # Only tokens the palette can show are drawn (all of them, unless it has fewer colours).
+    cfg, params = model.restrict_vocab(self.cfg, params, min(len(self.centers),
+                                                             self.cfg.vocab_size))
+    free = sampling.sample(cfg, params, None, jax.random.fold_in(self.rng, 0),
                            batch_size=self.num_images)
-    completed = sampling.sample(self.cfg, params, self.prompts_BxN,
-                                jax.random.fold_in(self.rng, 1))
+    completed = sampling.sample(cfg, params, self.prompts_BxN, jax.random.fold_in(self.rng, 1))
     originals = self._images(self.originals_BxL)
     completions = self._images(completed).reshape(len(originals), COMPLETIONS_PER_IMAGE,
                                                   self.side, self.side, 3)

@@ -52,6 +52,14 @@ class TrainedModel:
   def image_side(self) -> int:
     return self.model_cfg.image_side
 
+  def within_palette(self) -> "TrainedModel":
+    """This model restricted to the tokens its palette can show (all of them when the palette
+    has a colour per token): what sampling draws from."""
+    if self.palette is None or len(self.palette) >= self.model_cfg.vocab_size:
+      return self
+    model_cfg, params = model.restrict_vocab(self.model_cfg, self.params, len(self.palette))
+    return dataclasses.replace(self, model_cfg=model_cfg, params=params)
+
   @property
   def data(self):
     """The run's `data` config section (None for a transformers folder)."""
@@ -117,8 +125,8 @@ def load_run(workdir: str, step: int | None = None, mesh=None) -> TrainedModel:
         if i + 1 == len(candidates):
           others = [s for s in steps if s != candidate]
           raise UserError(
-                          f"checkpoint {candidate} in {ckpt.directory} does not read ({reason})"
-                          + (f"; pick another with --step (available: {others})." if others else ".")
+              f"checkpoint {candidate} in {ckpt.directory} does not read ({reason})"
+              + (f"; pick another with --step (available: {others})." if others else ".")
           ) from e
         logging.warning("Checkpoint %s in %s does not read (%s); using step %s instead.",
                         candidate, ckpt.directory, reason, candidates[i + 1])

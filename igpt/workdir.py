@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import socket
 import time
 
@@ -58,9 +59,12 @@ def lock(workdir: str, lock_file: str, required: bool = True):
       holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
       raise WorkdirError(f"{workdir} is in use by {holder}; wait for that run to finish, or "
                          "use another --workdir.") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    except OSError as e:
+      raise write_error(e, path) from e
     yield None
   finally:
     os.close(fd)  # releases the flock
@@ -122,6 +126,12 @@ def is_write_failure(e: BaseException, workdir: str | None = None) -> bool:
 # ------------------------------------------------------------------------------ config identity
 
 
+def _same(field: str, a, b) -> bool:
+  if field in config_lib.PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and a and b:
+    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+  return a == b
+
+
 def config_changes(stored: dict, current: dict) -> tuple[list[str], list[str]]:
   """(unsafe, safe) descriptions of the fields that differ between two config dicts.
 
@@ -134,7 +144,7 @@ def config_changes(stored: dict, current: dict) -> tuple[list[str], list[str]]:
   for field in sorted(old.keys() | new.keys()):
     a = old.get(field, defaults.get(field, "<unset>"))
     b = new.get(field, defaults.get(field, "<unset>"))
-    if a != b:
+    if not _same(field, a, b):
       (safe if config_lib.may_change_on_resume(field) else unsafe).append(
           f"{field}: {a!r} -> {b!r}")
   return unsafe, safe
@@ -146,9 +156,9 @@ def check_identity(stored: dict, current: dict, workdir: str, source: str) -> li
   unsafe, safe = config_changes(stored, current)
   if unsafe:
     raise WorkdirError(
-                       f"the config differs from the run in {workdir} ({source}) in fields that change the "
-                       f"model or the data: {'; '.join(unsafe)}. Resume with the same values (the run's "
-                       f"config.json), or start a new run in another --workdir.")
+        f"the config differs from the run in {workdir} ({source}) in fields that change the "
+        f"model or the data: {'; '.join(unsafe)}. Resume with the same values (the run's "
+        f"config.json), or start a new run in another --workdir.")
   return safe
 
 
@@ -173,6 +183,17 @@ def move_aside(ckpt, step: int, reason: str, log) -> str:
   log("Checkpoint %s is damaged (%s); moved it to %s and trying the next older one.",
       src, reason, dst)
   return dst
+
+
+def discard_partial_saves(checkpoint_dir: str) -> None:
+  """Removes the temporary folders of saves that failed (Orbax writes a step into
+  `<step>.orbax-checkpoint-tmp*` and renames it only once whole), so a full disk leaves only
+  whole checkpoints behind."""
+  if not os.path.isdir(checkpoint_dir):
+    return
+  for name in os.listdir(checkpoint_dir):
+    if ".orbax-checkpoint-tmp" in name:
+      shutil.rmtree(os.path.join(checkpoint_dir, name), ignore_errors=True)
 
 
 def one_line(e: BaseException) -> str:

@@ -10,6 +10,7 @@ rel_err = max|ours - ref| / max|ref| <= 1e-5.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -215,6 +216,14 @@ def test_checkpoint_is_sharded_like_the_release(ar_release):
   shards = [f for f in files if ".data-" in f]
   assert shards == [f"model.ckpt-{STEP}.data-{i:05d}-of-{NUM_SHARDS:05d}" for i in range(3)]
   assert f"model.ckpt-{STEP}.index" in files and f"model.ckpt-{STEP}.meta" in files
+  # The index as read here: every variable, and shards exactly as long as their tensors.
+  num_shards, where = openai_tf.read_index(prefix + ".index")
+  tf = pytest.importorskip("tensorflow")
+  assert num_shards == NUM_SHARDS
+  assert set(where) == set(tf.train.load_checkpoint(prefix).get_variable_to_shape_map())
+  for i, shard in enumerate(shards):
+    end = max(offset + size for s, offset, size in where.values() if s == i)
+    assert end == os.path.getsize(os.path.join(os.path.dirname(prefix), shard))
 
 
 def test_ar_checkpoint_matches_release_graph(ar_release, tokens):
@@ -551,6 +560,74 @@ def test_import_errors_are_one_line_and_leave_nothing(case, ar_release, bert_rel
   code = cli([x for kv in args.items() for x in kv])
   _assert_one_line_error(capsys, code, match)
   assert sorted(os.listdir(work)) == before  # no output, no temp folder
+
+
+def _truncate(path, fraction):
+  with open(path, "r+b") as f:
+    f.truncate(int(os.path.getsize(path) * fraction))
+
+
+def _flip_inside(prefix, variable):
+  """Inverts 64 bytes in the middle of `variable`'s bytes in its data shard; the shard."""
+  num_shards, where = openai_tf.read_index(prefix + ".index")
+  shard, offset, size = where[variable]
+  path = openai_tf.shard_path(prefix, shard, num_shards)
+  with open(path, "r+b") as f:
+    f.seek(offset + size // 2)
+    region = f.read(64)
+    f.seek(offset + size // 2)
+    f.write(bytes(b ^ 0xFF for b in region))
+  return path
+
+
+SHARD = f"model.ckpt-{STEP}.data-00001-of-{NUM_SHARDS:05d}"
+INDEX = f"model.ckpt-{STEP}.index"
+
+
+@pytest.mark.parametrize("case,file,match", [
+    ("shard-half", SHARD, "is cut off: it holds"),
+    ("shard-empty", SHARD, "is cut off: it holds 0 bytes"),
+    ("shard-flipped", None, "Checksum does not match"),  # TF checks each tensor's crc32c
+    ("index-half", INDEX, "not an sstable"),
+    ("index-empty", INDEX, "too short"),
+])
+def test_damaged_release_files_are_named(case, file, match, ar_release, palette_file, tmp_path,
+                                         fake_run, capsys):
+  source = os.path.dirname(ar_release[0])
+  downloads = tmp_path / "downloads"
+  downloads.mkdir()
+  for f in os.listdir(source):
+    shutil.copy(os.path.join(source, f), downloads / f)
+  prefix = str(downloads / f"model.ckpt-{STEP}")
+  if case == "shard-flipped":
+    damaged = _flip_inside(prefix, "model/wte")
+  else:
+    damaged = str(downloads / file)
+    _truncate(damaged, 0.5 if case.endswith("half") else 0)
+  work = tmp_path / "work"
+  work.mkdir()
+  code = cli(["--checkpoint", prefix, "--palette", palette_file, "--out", str(work / "out")])
+  line = capsys.readouterr().err.strip()
+  assert code == 2 and len(line.splitlines()) == 1 and line.startswith("error: "), line
+  assert repr(damaged) in line and match in line and "download it again" in line, line
+  assert not os.listdir(work)
+
+
+def test_short_shard_is_reported_without_the_index_sizes(tmp_path, ar_release, monkeypatch):
+  """Where the index cannot be parsed here, TF's bare short-read IndexError still becomes a
+  UserError."""
+  source = os.path.dirname(ar_release[0])
+  for f in os.listdir(source):
+    shutil.copy(os.path.join(source, f), tmp_path / f)
+  _truncate(tmp_path / SHARD, 0.5)
+
+  def unreadable(path):
+    raise ValueError(f"{path!r} is not a readable table")
+
+  monkeypatch.setattr(openai_tf, "read_index", unreadable)
+  with pytest.raises(ValueError, match=r"cannot read model/.* from checkpoint shard .*\.data-\*.*"
+                                       r"Read less bytes than requested.*download it again"):
+    openai_tf.load_tf_checkpoint(str(tmp_path / f"model.ckpt-{STEP}"))
 
 
 def test_debug_flag_shows_the_exception(tmp_path, palette_file):

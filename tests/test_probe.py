@@ -129,6 +129,56 @@ def test_feature_cache_is_hit_on_the_second_call(tmp_path):
   assert (other.cache_hits, other.cache_misses) == (0, 1)
 
 
+def _damage_cache_file(path, how, other_path, digest):
+  """Spoils one cache file as `how` says (`other_path`: another entry's file)."""
+  with np.load(path) as f:
+    feats, labels = f["features"], f["labels"]
+  size = os.path.getsize(path)
+  if how in ("half", "empty"):
+    with open(path, "r+b") as f:
+      f.truncate(size // 2 if how == "half" else 0)
+  elif how == "random-bytes":
+    with open(path, "wb") as f:
+      f.write(np.random.default_rng(0).bytes(size))
+  elif how == "another-entry":
+    with open(other_path, "rb") as src, open(path, "wb") as dst:
+      dst.write(src.read())
+  else:
+    arrays = {"wrong-width": dict(features=feats[:, 1:], labels=labels),
+              "wrong-rows": dict(features=feats[1:], labels=labels[1:]),
+              "no-labels": dict(features=feats)}[how]
+    with open(path, "wb") as f:
+      np.savez(f, key=np.array(digest), **arrays)
+
+
+@pytest.mark.parametrize("how", ["half", "empty", "random-bytes", "wrong-width", "wrong-rows",
+                                 "no-labels", "another-entry"])
+def test_damaged_feature_cache_is_rebuilt_with_a_warning(tmp_path, how, caplog):
+  params = _init(CFG, 2)
+  source, key = _token_source(6), {"source": "made-up", "split": "train"}
+
+  def extractor():
+    return features.FeatureExtractor(CFG, params, None, _mesh(), batch_size=2,
+                                     cache_dir=str(tmp_path), identity="test")
+
+  fresh, labels = extractor().features(source, key, [0, 1])
+  first = extractor()
+  (path, digest), (other, _) = (first._cache_entry(key, layer) for layer in (1, 0))
+  _damage_cache_file(path, how, other, digest)
+  with caplog.at_level("WARNING"):
+    again, labels_again = first.features(source, key, [0, 1])
+  warnings = [r.getMessage() for r in caplog.records if "Feature cache" in r.getMessage()]
+  assert len(warnings) == 1 and path in warnings[0], warnings
+  assert (first.cache_hits, first.cache_misses) == (1, 1)
+  for layer in (0, 1):
+    np.testing.assert_array_equal(again[layer], fresh[layer])
+  np.testing.assert_array_equal(labels_again, labels)
+  # Rebuilt in place: the next reader hits both.
+  second = extractor()
+  second.features(source, key, [0, 1])
+  assert (second.cache_hits, second.cache_misses) == (2, 0)
+
+
 # ------------------------------------------------------------------------------------------
 # The probe.
 
@@ -282,6 +332,25 @@ def test_cli_end_to_end_beats_random_init(tiny_run):
   assert pre["best_layer"]["test_accuracy"] > ctl["best_layer"]["test_accuracy"] + 0.05
   # Two layers x three splits, computed once and written to the cache.
   assert pre["feature_cache"]["cache_misses"] == 6
+
+
+def test_cli_rebuilds_a_cut_off_feature_cache(tiny_run):
+  cache = os.path.join(tiny_run, "probe", probing.FEATURES_DIR)
+  flags = ("--config.random_init_control=False",)
+  if not os.path.isdir(cache):  # run on its own: the end-to-end test above made none yet
+    assert _probe_cli(tiny_run, *flags).returncode == 0
+  files = [os.path.join(cache, f) for f in os.listdir(cache) if f.endswith(".npz")]
+  for path in files:  # the random-init control's too: the names do not say whose a file is
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  proc = _probe_cli(tiny_run, *flags)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "Traceback" not in proc.stderr
+  warned = [line for line in proc.stderr.splitlines() if "Feature cache" in line]
+  assert len(warned) == 6 and all("unreadable (BadZipFile" in line for line in warned), warned
+  with open(os.path.join(tiny_run, "probe", "results_digits.json")) as f:
+    cache_counts = json.load(f)["pretrained"]["feature_cache"]
+  assert cache_counts == {"cache_hits": 0, "cache_misses": 6}
 
 
 def test_cli_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path):

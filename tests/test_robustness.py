@@ -107,9 +107,25 @@ def _no_get_config(tmp_path):
   return path
 
 
+def _digit_folder(tmp_path, corrupt: bool) -> str:
+  """A folder source of 12 small PNGs in two class subfolders, one of them not an image."""
+  from PIL import Image  # noqa: PLC0415
+  folder = tmp_path / "images"
+  rng = np.random.default_rng(0)
+  for i in range(12):
+    (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(folder / f"c{i % 2}" / f"{i}.png")
+  if corrupt:
+    (folder / "c1" / "7.png").write_bytes(b"\x89PNG not really")
+  return str(folder)
+
+
 @pytest.mark.parametrize("case", [
     "keep_checkpoints=0", "unknown mesh axis", "config file without get_config",
-    "workdir is a file", "palette too big for the vocabulary"])
+    "workdir is a file", "palette too big for the vocabulary", "batch_size=0",
+    "palette of the wrong shape", "corrupt image in a folder source",
+    "init_from a run with no checkpoint", "negative lr", "fewer classes than labels",
+    "config variant the file does not take"])
 def test_mistakes_are_one_line_and_leave_no_run(case, tmp_path):
   workdir = tmp_path / "run"
   overrides, args, names = {}, None, ()
@@ -126,17 +142,41 @@ def test_mistakes_are_one_line_and_leave_no_run(case, tmp_path):
   elif case == "workdir is a file":
     workdir.write_text("not a folder")
     names = (str(workdir), "not a folder")
-  else:
+  elif case == "palette too big for the vocabulary":
     big = tmp_path / "big.npy"
     np.save(big, np.linspace(-1, 1, 64 * 3, dtype=np.float32).reshape(64, 3))
     overrides, names = {"data.palette_path": str(big)}, (str(big), "64 colours")
+  elif case == "batch_size=0":
+    overrides, names = {"train.batch_size": 0}, ("train.batch_size=0",)
+  elif case == "palette of the wrong shape":
+    bad = tmp_path / "rgba.npy"
+    np.save(bad, np.zeros((16, 4), np.float32))
+    overrides, names = {"data.palette_path": str(bad)}, (str(bad), "(k, 3)")
+  elif case == "corrupt image in a folder source":
+    folder = _digit_folder(tmp_path, corrupt=True)
+    overrides = {"data.source": "folder", "data.path": folder, "data.val_examples": 2}
+    names = (os.path.join(folder, "c1", "7.png"),)
+  elif case == "init_from a run with no checkpoint":
+    killed = tmp_path / "killed"  # a run killed before its first checkpoint
+    killed.mkdir()
+    (killed / "config.json").write_text(th.tiny_config().to_json())
+    np.save(killed / "palette.npy", np.zeros((16, 3), np.float32))
+    overrides, names = {"init_from": str(killed)}, (str(killed), "has no checkpoint")
+  elif case == "negative lr":
+    overrides, names = {"optim.lr": -1}, ("optim.lr=-1",)
+  elif case == "fewer classes than labels":
+    overrides = {"objective": "classify", "finetune.num_classes": 5}
+    names = ("finetune.num_classes=5", "10 classes", "--config.finetune.num_classes=10")
+  else:
+    args = [sys.executable, os.path.join(th.REPO, "train.py"), "--config",
+            os.path.join(th.REPO, "configs", "tiny.py") + ":foo", "--workdir", str(workdir)]
+    names = ("configs/tiny.py takes no variant (':foo')",)
   rc, out = cli(workdir, args=args, **overrides)
   assert_user_error(rc, out, *names)
   if case == "workdir is a file":
     assert workdir.read_text() == "not a folder"
   else:
-    assert not os.path.exists(workdir / "palette.npy")
-    assert not os.path.exists(workdir / "checkpoints")
+    assert not os.path.exists(workdir), os.listdir(workdir)  # not even an empty folder
 
 
 @pytest.mark.parametrize("overrides,fields", [
@@ -193,6 +233,50 @@ def test_damaged_checkpoints_are_set_aside_and_resume_reaches_the_same_params(fi
   assert_same_params(final_params(workdir), final_params(finished[0]))
   steps = [r["step"] for r in th.read_metrics(str(workdir)) if "loss" in r]
   assert steps == [4, 8, 12]  # no duplicates, the torn record gone
+
+
+def test_every_checkpoint_damaged_is_refused_not_restarted(finished, tmp_path):
+  workdir = copy_of(finished, tmp_path)
+  for step in range(2, 13, 2):
+    os.truncate(_largest_file(_data_dir(workdir / "checkpoints" / str(step), "params")), 100)
+  for attempt in ("first", "rerun"):  # the rerun finds only the set-aside ones: refused too
+    rc, out = cli(workdir)
+    assert_user_error(rc, out, "12.damaged", "2.damaged", "delete or move them",
+                      "new --workdir")
+    assert "Compiled the train step" not in out, attempt
+    steps = sorted(os.listdir(workdir / "checkpoints"))
+    assert steps == sorted(f"{s}.damaged" for s in range(2, 13, 2)), (attempt, steps)
+
+
+def test_fewer_steps_than_the_run_has_made_is_refused(finished):
+  workdir = finished[0]
+  before = snapshot(workdir)
+  rc, out = cli(workdir, **{"train.total_steps": 6})
+  assert_user_error(rc, out, "at step 12", "train.total_steps=6", "new --workdir")
+  assert snapshot(workdir) == before  # config.json still says what the run did
+
+
+def test_a_run_palette_smaller_than_the_vocabulary_samples_only_its_colours(finished, tmp_path):
+  # Tokens past the palette never occurred in training; sample.py draws only its colours.
+  workdir = copy_of(finished, tmp_path)
+  np.save(workdir / "palette.npy", np.load(workdir / "palette.npy")[:8])
+  out_dir = tmp_path / "samples"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(th.REPO, "sample.py"), "--workdir", str(workdir),
+       "--out", str(out_dir), "--config.mode=unconditional", "--config.num_samples=3",
+       "--config.name=free"], env=th.env(1), cwd=th.REPO, capture_output=True, text=True,
+      timeout=240)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  tokens = np.load(out_dir / "free.npy")
+  assert tokens.shape == (3, 64) and 0 <= tokens.min() and tokens.max() < 8
+
+
+def test_the_same_init_from_path_relative_or_absolute_is_the_same_run():
+  from igpt import workdir as workdirs  # noqa: PLC0415
+  here = os.path.abspath("runs/pretrained")
+  assert workdirs.config_changes({"init_from": "runs/pretrained"}, {"init_from": here}) == ([], [])
+  unsafe, _ = workdirs.config_changes({"init_from": "runs/a"}, {"init_from": "runs/b"})
+  assert unsafe == ["init_from: 'runs/a' -> 'runs/b'"]
 
 
 def test_concurrent_runs_second_exits_at_once_first_finishes(finished, tmp_path):
@@ -275,6 +359,11 @@ def test_full_disk_stops_at_once_with_an_error_line(tmp_path):
     error = next(ln for ln in lines if ln.startswith("error: "))
     assert lines[-2:] == [error, "(run with --debug for the traceback)"], out[-3000:]
     assert "No space left on device" in error and str(disk) in error, error
+    # It stops at the save that failed: no Orbax error lines, no partial checkpoint left.
+    assert not [ln for ln in lines if ln.startswith("E") and "orbax" in ln.lower()], out[-3000:]
+    ckpt_dir = workdir / "checkpoints"
+    left = os.listdir(ckpt_dir) if ckpt_dir.is_dir() else []
+    assert not [n for n in left if "tmp" in n], left
   finally:
     subprocess.run(["umount", "-l", str(disk)], check=False)
 

@@ -98,6 +98,7 @@ def probe_model(pm: trained.TrainedModel, name: str, config, sources, mesh, cach
             if config.concat_layers else [])
   feats, cache = _extract(pm, config, sources, sorted(set(layers) | set(concat)), mesh,
                           cache_dir)
+  _check_low_data(config, feats["train"][1])  # before any layer is probed
   t_features = time.time() - t0
   num_classes = int(max(max(s.num_classes for s in sources.values()),
                         max(y.max() for _, y in feats.values()) + 1))
@@ -121,7 +122,7 @@ def probe_model(pm: trained.TrainedModel, name: str, config, sources, mesh, cach
     s = _splits(feats, concat)
     result["concat"] = {"layers": concat, **linear_probe.probe(
         s["train"], s["val"], s["test"], num_classes, **fit_kwargs)}
-  ks = tuple(int(k) for k in config.low_data.examples_per_class)
+  ks = low_data_sizes(config)
   if ks:
     s = _splits(feats, [best["layer"]])
     result["low_data"] = []
@@ -136,6 +137,27 @@ def probe_model(pm: trained.TrainedModel, name: str, config, sources, mesh, cach
   return result
 
 
+def low_data_sizes(config) -> tuple[int, ...]:
+  """`low_data.examples_per_class` as a tuple of positive ints (one number is one size)."""
+  sizes = config.low_data.examples_per_class
+  sizes = (sizes,) if isinstance(sizes, (int, str)) else tuple(sizes)
+  if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in sizes):
+    raise UserError(f"low_data.examples_per_class={config.low_data.examples_per_class!r} must "
+                    "be labels per class as positive whole numbers, e.g. \"(4,25,100)\".")
+  return sizes
+
+
+def _check_low_data(config, train_labels_N: np.ndarray) -> None:
+  """Low-data sizes the training split can give, checked before any probe is fitted."""
+  counts = np.bincount(train_labels_N[train_labels_N >= 0])
+  present = counts[counts > 0]
+  for k in low_data_sizes(config):
+    if present.size and k > present.min():
+      smallest = int(np.flatnonzero(counts == present.min())[0])
+      raise UserError(f"low_data.examples_per_class has {k}, but class {smallest} has only "
+                      f"{present.min()} training examples; use at most {present.min()}.")
+
+
 def check_config(config) -> None:
   """ValueErrors for settings that cannot work, before any model or data is read."""
   if config.pooling not in features.POOLINGS:
@@ -144,9 +166,7 @@ def check_config(config) -> None:
     raise UserError(f"l2_grid={tuple(config.l2_grid)} must be non-empty and >= 0.")
   if config.lbfgs_max_steps < 1:
     raise UserError(f"lbfgs_max_steps={config.lbfgs_max_steps} must be >= 1.")
-  if any(int(k) < 1 for k in config.low_data.examples_per_class):
-    raise UserError(f"low_data.examples_per_class={tuple(config.low_data.examples_per_class)}"
-                    " must be positive.")
+  low_data_sizes(config)
   if config.low_data.draws < 1:
     raise UserError(f"low_data.draws={config.low_data.draws} must be >= 1.")
 

@@ -161,8 +161,8 @@ def _check_zero_bias(key: str, bias: np.ndarray, bias_atol: float):
   worst = float(np.max(np.abs(bias))) if bias.size else 0.0
   if worst > bias_atol:
     raise UserError(
-                    f"{key} has non-zero entries (max |b| = {worst:.3g}); iGPT has no linear biases, so this "
-                    "checkpoint cannot be represented exactly. Only converted checkpoints (zero biases) load.")
+        f"{key} has non-zero entries (max |b| = {worst:.3g}); iGPT has no linear biases, so this "
+        "checkpoint cannot be represented exactly. Only converted checkpoints (zero biases) load.")
 
 
 def params_from_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any] | Any, *,

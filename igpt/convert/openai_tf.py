@@ -16,6 +16,8 @@ H heads of hd = d / H:
 
 A checkpoint without `sos` is a BERT-objective model (no SOS shift, no causal mask). Optimiser
 slots and step counters are skipped. Everything else must be exactly this set, or loading fails.
+A cut-off or damaged `.index` or data shard fails with the file's name (data shards are
+checked against the sizes the index gives before any tensor is read).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import glob
 import math
 import os
 import re
+import struct
 
 import numpy as np
 
@@ -39,6 +42,7 @@ _SLOT_PARTS = frozenset({"Adam", "Adam_1", "adam_m", "adam_v", "AdamWeightDecayO
                          "AdamWeightDecayOptimizer_1"})
 _COUNTERS = frozenset({"global_step", "beta1_power", "beta2_power"})
 _LAYER_RE = re.compile(r"h(\d+)/")
+REDOWNLOAD = "the common result of an interrupted download; download it again"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,8 +69,8 @@ def resolve_prefix(path: str) -> str:
     indexes = sorted(glob.glob(os.path.join(glob.escape(path), "*.index")))
     if len(indexes) != 1:
       raise MissingFileError(
-                             f"{path!r} is a folder holding {len(indexes)} checkpoints (*.index files): give the "
-                             "checkpoint prefix, e.g. DIR/model.ckpt-1000000.")
+          f"{path!r} is a folder holding {len(indexes)} checkpoints (*.index files): give the "
+          "checkpoint prefix, e.g. DIR/model.ckpt-1000000.")
     path = indexes[0]
   prefix = _strip_suffix(path)
   expected = (f"{prefix}.index and {prefix}.data-00000-of-000NN ... (the .meta file is not "
@@ -81,10 +85,17 @@ def resolve_prefix(path: str) -> str:
     raise MissingFileError(f"data shards of {prefix!r} disagree on their count: {sorted(totals)}.")
   total = totals.pop()
   for i in range(total):
-    shard = f"{prefix}.data-{i:05d}-of-{total:05d}"
-    if not os.path.isfile(shard):
-      raise MissingFileError(f"checkpoint shard {shard!r} is missing (an interrupted download?).")
+    _require_shard(shard_path(prefix, i, total))
   return prefix
+
+
+def shard_path(prefix: str, shard: int, total: int) -> str:
+  return f"{prefix}.data-{shard:05d}-of-{total:05d}"
+
+
+def _require_shard(path: str) -> None:
+  if not os.path.isfile(path):
+    raise MissingFileError(f"checkpoint shard {path!r} is missing (an interrupted download?).")
 
 
 def checkpoint_step(prefix: str) -> int | None:
@@ -100,6 +111,95 @@ def _import_tensorflow():
     raise MissingDependencyError("reading the original TensorFlow checkpoints needs "
                                  f"TensorFlow, which is not installed: {INSTALL_HINT}") from e
   return tf
+
+
+# ---------------------------------------------------------------------------------------------
+# The index: where each tensor lies in the data shards
+#
+# TensorFlow's reader tells neither a shard's expected size nor which shard a failed read was
+# in (a short read is a bare "Read less bytes than requested"), so the `.index` is read here
+# too. It is a LevelDB-format table (uncompressed blocks, prefix-compressed keys) mapping each
+# variable name to a BundleEntryProto (shard, offset, size); the empty key holds the header.
+
+_TABLE_MAGIC = 0xDB4775248B80FB57
+_FOOTER_BYTES = 48  # metaindex and index block handles padded to 40 bytes, then the magic
+_BLOCK_TRAILER_BYTES = 5  # compression type, crc32c
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+  value = shift = 0
+  while True:
+    byte = buf[pos]
+    pos += 1
+    value |= (byte & 0x7F) << shift
+    if byte < 0x80:
+      return value, pos
+    shift += 7
+
+
+def _block(buf: bytes, handle: bytes) -> bytes:
+  offset, pos = _varint(handle, 0)
+  size, _ = _varint(handle, pos)
+  if offset + size + _BLOCK_TRAILER_BYTES > len(buf) or buf[offset + size] != 0:
+    raise ValueError(f"table block at {offset} runs past the end or is compressed")
+  return buf[offset:offset + size]
+
+
+def _block_entries(block: bytes):
+  restarts = struct.unpack("<I", block[-4:])[0]
+  end, pos, key = len(block) - 4 - 4 * restarts, 0, b""
+  while pos < end:
+    shared, pos = _varint(block, pos)
+    fresh, pos = _varint(block, pos)
+    length, pos = _varint(block, pos)
+    key = key[:shared] + block[pos:pos + fresh]
+    pos += fresh
+    yield key, block[pos:pos + length]
+    pos += length
+
+
+def read_index(path: str) -> tuple[int, dict[str, tuple[int, int, int]]]:
+  """(number of shards, {variable: (shard, offset, size)}) from a checkpoint's `.index` file.
+
+  Raises ValueError where the file is not such a table.
+  """
+  # pylint: disable=g-import-not-at-top
+  from google.protobuf.message import DecodeError
+  from tensorflow.core.protobuf import tensor_bundle_pb2
+  with open(path, "rb") as f:
+    buf = f.read()
+  if len(buf) < _FOOTER_BYTES or struct.unpack("<Q", buf[-8:])[0] != _TABLE_MAGIC:
+    raise ValueError(f"{path!r} has no table footer")
+  footer = buf[-_FOOTER_BYTES:]
+  num_shards, where = None, {}
+  try:
+    _, pos = _varint(footer, _varint(footer, 0)[1])  # skips the metaindex handle
+    for _, handle in _block_entries(_block(buf, footer[pos:])):
+      for key, value in _block_entries(_block(buf, handle)):
+        if not key:
+          num_shards = tensor_bundle_pb2.BundleHeaderProto.FromString(value).num_shards
+          continue
+        entry = tensor_bundle_pb2.BundleEntryProto.FromString(value)
+        where[key.decode("utf-8", "replace")] = (entry.shard_id, entry.offset, entry.size)
+  except (IndexError, struct.error, DecodeError) as e:
+    raise ValueError(f"{path!r} is not a readable table: {e}") from e
+  if num_shards is None:
+    raise ValueError(f"{path!r} has no header entry")
+  return num_shards, where
+
+
+def check_shard_sizes(prefix: str, num_shards: int, where) -> None:
+  """UserError naming the first data shard shorter than the tensors its index puts there."""
+  need = {}
+  for shard, offset, size in where.values():
+    need[shard] = max(need.get(shard, 0), offset + size)
+  for shard, size in sorted(need.items()):
+    path = shard_path(prefix, shard, num_shards)
+    _require_shard(path)
+    have = os.path.getsize(path)
+    if have < size:
+      raise UserError(f"checkpoint shard {path!r} is cut off: it holds {have} bytes, its index "
+                      f"says {size} ({REDOWNLOAD}).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,9 +276,9 @@ def check_variables(cfg: ModelConfig, shapes) -> None:
   if diff.misshapen:
     name = next(n for n in want if n in diff.misshapen)  # the first in the model's order
     raise UserError(
-                    f"{SCOPE}{name} has shape {tuple(shapes[name])}, expected {want[name]} (inferred d="
-                    f"{cfg.d_model}, heads={cfg.num_heads}, positions={cfg.seq_len}, vocab="
-                    f"{cfg.vocab_size}).")
+        f"{SCOPE}{name} has shape {tuple(shapes[name])}, expected {want[name]} (inferred d="
+        f"{cfg.d_model}, heads={cfg.num_heads}, positions={cfg.seq_len}, vocab="
+        f"{cfg.vocab_size}).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,24 +332,38 @@ def load_tf_checkpoint(prefix: str) -> tuple[ModelConfig, dict]:
   `prefix` is e.g. `downloads/model.ckpt-1000000` (see `resolve_prefix`). The shape (layers,
   width, heads, positions, vocabulary) comes from the variables; `causal` is False when there
   is no `sos` (a BERT model). Params are float32 numpy arrays. Raises FileNotFoundError for
-  missing files, ImportError without TensorFlow, ValueError for anything but an iGPT checkpoint.
+  missing files, ImportError without TensorFlow, ValueError for anything but an iGPT checkpoint
+  and for a cut-off or damaged file (naming it).
   """
   prefix = resolve_prefix(prefix)
   tf = _import_tensorflow()
+  index = prefix + ".index"
   try:
     reader = tf.train.load_checkpoint(prefix)
-    shapes = _model_variables(reader.get_variable_to_shape_map(),
-                              reader.get_variable_to_dtype_map())
+    shape_map, dtype_map = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
   except tf.errors.OpError as e:
-    raise UserError(f"TensorFlow cannot read checkpoint {prefix!r}: {e.message}") from None
+    raise UserError(f"TensorFlow cannot read the checkpoint index {index!r} ({e.message}): "
+                    f"it is cut off or damaged, {REDOWNLOAD}.") from None
+  try:
+    num_shards, where = read_index(index)
+  except ValueError:
+    # TensorFlow read this index, so it is sound; only the size check and the shard names
+    # in read errors below are lost.
+    num_shards, where = 0, {}
+  check_shard_sizes(prefix, num_shards, where)
+  shapes = _model_variables(shape_map, dtype_map)
   cfg = infer_config(shapes)
   check_variables(cfg, shapes)
 
   def get(name):
     try:
       value = np.asarray(reader.get_tensor(SCOPE + name), np.float32)
-    except tf.errors.OpError as e:
-      raise UserError(f"cannot read {SCOPE}{name} from {prefix!r}: {e.message}") from None
+    except (tf.errors.OpError, IndexError) as e:  # a short read is a bare IndexError
+      shard = (shard_path(prefix, where[SCOPE + name][0], num_shards) if SCOPE + name in where
+               else f"{prefix}.data-*")
+      reason = getattr(e, "message", None) or str(e)
+      raise UserError(f"cannot read {SCOPE}{name} from checkpoint shard {shard!r} ({reason}): "
+                      f"the file is damaged or cut off, {REDOWNLOAD}.") from None
     if not np.all(np.isfinite(value)):
       raise UserError(f"{SCOPE}{name} in {prefix!r} holds NaN or infinite values.")
     return value

@@ -58,8 +58,8 @@ def _carve(train: ImageSource, val_examples: int, description: str):
   n = len(train)
   if not 0 < val_examples < n:
     raise UserError(
-                    f"data.val_examples={val_examples} must be in (0, {n}) to carve a validation split "
-                    f"out of {description} ({n} images); lower it or set data.val_split.")
+        f"data.val_examples={val_examples} must be in (0, {n}) to carve a validation split "
+        f"out of {description} ({n} images); lower it or set data.val_split.")
   order = np.random.default_rng(VAL_SEED).permutation(n)
   val_idx, train_idx = np.sort(order[:val_examples]), np.sort(order[val_examples:])
   return (subset(train, train_idx, f"{description} minus {val_examples} val images"),

@@ -71,8 +71,8 @@ def _cifar_layout(path: str):
     if "train" in names or "test" in names:
       return "cifar100", folder
   raise MissingFileError(
-                         f"No CIFAR files in {path!r}: expected the python version's cifar-10-batches-py "
-                         f"(data_batch_1..5, test_batch) or cifar-100-python (train, test) folder.")
+      f"No CIFAR files in {path!r}: expected the python version's cifar-10-batches-py "
+      f"(data_batch_1..5, test_batch) or cifar-100-python (train, test) folder.")
 
 
 @functools.lru_cache(maxsize=4)

@@ -128,8 +128,8 @@ def folder_source(cfg, split: str, side: int) -> ImageSource:
   if split == "train" and len(npz_files) == 1:
     return _npz_arrays_source(os.path.join(path, npz_files[0]), None, split, side)
   raise MissingFileError(
-                         f"No {split!r} split under {path!r}: expected a folder {split_dir!r} or a file "
-                         f"{split_npz!r}.")
+      f"No {split!r} split under {path!r}: expected a folder {split_dir!r} or a file "
+      f"{split_npz!r}.")
 
 
 def _npz_arrays_source(path: str, key_split: str | None, split: str, side: int) -> ImageSource:

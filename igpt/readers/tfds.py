@@ -90,10 +90,10 @@ def _check_can_download(builder, name: str, where: str) -> None:
     return
   if not prepared and not _network_reachable():
     raise UserError(
-                    f"TFDS dataset {name!r} is not prepared in data_dir={where!r} and the network is "
-                    f"unreachable ({_DOWNLOAD_HOST[0]}), so it cannot be downloaded. Prepare it once on a "
-                    "machine with network (array_record format) and copy data_dir here, or use "
-                    "data.source='cifar'|'idx'|'folder'|'digits' for local files.")
+        f"TFDS dataset {name!r} is not prepared in data_dir={where!r} and the network is "
+        f"unreachable ({_DOWNLOAD_HOST[0]}), so it cannot be downloaded. Prepare it once on a "
+        "machine with network (array_record format) and copy data_dir here, or use "
+        "data.source='cifar'|'idx'|'folder'|'digits' for local files.")
 
 
 def tfds_source(cfg, split: str, side: int) -> ImageSource:
@@ -109,10 +109,10 @@ def tfds_source(cfg, split: str, side: int) -> ImageSource:
       known = []
     close = difflib.get_close_matches(name.split("/")[0], known, n=5)
     raise UserError(
-                    f"Unknown TFDS dataset data.name={name!r}. Close names: {close or 'none'}. See "
-                    f"https://www.tensorflow.org/datasets/catalog for names (e.g. cifar10, svhn_cropped, "
-                    f"imagenet_resized/32x32), or use data.source='cifar'|'idx'|'folder'|'digits' for "
-                    f"local files.") from e
+        f"Unknown TFDS dataset data.name={name!r}. Close names: {close or 'none'}. See "
+        f"https://www.tensorflow.org/datasets/catalog for names (e.g. cifar10, svhn_cropped, "
+        f"imagenet_resized/32x32), or use data.source='cifar'|'idx'|'folder'|'digits' for "
+        f"local files.") from e
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f"Could not open TFDS dataset {name!r} (data_dir={where!r}): "
                     f"{type(e).__name__}: {e}") from e
@@ -135,10 +135,10 @@ def tfds_source(cfg, split: str, side: int) -> ImageSource:
     else:
       missing = ""
     raise UserError(
-                    f"Could not download/prepare TFDS dataset {name!r} in data_dir={where!r}: "
-                    f"{type(e).__name__}: {e}.{missing} Check network access and disk space. Preparing some "
-                    f"datasets needs TensorFlow (`pip install tensorflow`) or other packages named above; "
-                    f"you can also prepare it once elsewhere (array_record format) and copy data_dir. An "
-                    f"existing copy in tfrecord format cannot be read at random: convert it with "
-                    f"`tfds convert_format --out_file_format=array_record`.") from e
+        f"Could not download/prepare TFDS dataset {name!r} in data_dir={where!r}: "
+        f"{type(e).__name__}: {e}.{missing} Check network access and disk space. Preparing some "
+        f"datasets needs TensorFlow (`pip install tensorflow`) or other packages named above; "
+        f"you can also prepare it once elsewhere (array_record format) and copy data_dir. An "
+        f"existing copy in tfrecord format cannot be read at random: convert it with "
+        f"`tfds convert_format --out_file_format=array_record`.") from e
   return TfdsSource(ds, image_key, label_key, side, f"tfds {name} [{split}]", num_classes)
