@@ -43,10 +43,11 @@ POOLINGS = ("norm", "raw")
 _UNREADABLE = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
 
 
-def resolve_layers(spec, num_layers: int) -> list[int]:
+def resolve_layers(spec, num_layers: int, field: str = "layers") -> list[int]:
   """Sorted distinct block indices from "all", "3", "0,4,-1" or a sequence of ints.
 
-  Negative indices count from the end (-1 = the last block); out of range is a ValueError.
+  Negative indices count from the end (-1 = the last block); out of range is a ValueError
+  naming the config `field` the indices came from.
   """
   if isinstance(spec, str):
     text = spec.strip().lower()
@@ -56,17 +57,17 @@ def resolve_layers(spec, num_layers: int) -> list[int]:
     try:
       spec = [int(p) for p in parts]
     except ValueError:
-      raise UserError(f"layers={spec!r}: use 'all' or block indices like '0,4,-1'.") from None
+      raise UserError(f"{field}={spec!r}: use 'all' or block indices like '0,4,-1'.") from None
   elif isinstance(spec, int):
     spec = [spec]
   layers = set()
   for i in spec:
     if not -num_layers <= int(i) < num_layers:
-      raise UserError(f"layer {i} is out of range: the model has {num_layers} blocks "
+      raise UserError(f"{field}: layer {i} is out of range: the model has {num_layers} blocks "
                       f"(indices 0..{num_layers - 1}, or -{num_layers}..-1 from the end).")
     layers.add(int(i) % num_layers)
   if not layers:
-    raise UserError("no layers given: use 'all' or block indices like '0,4,-1'.")
+    raise UserError(f"{field}: no layers given: use 'all' or block indices like '0,4,-1'.")
   return sorted(layers)
 
 

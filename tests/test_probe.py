@@ -85,6 +85,23 @@ def test_resolve_layers():
   for bad in ("4", "-5", "x", ""):
     with pytest.raises(ValueError):
       features.resolve_layers(bad, 4)
+  # The message names the field the indices came from.
+  with pytest.raises(ValueError, match=r"concat_layers='x,y'"):
+    features.resolve_layers("x,y", 4, "concat_layers")
+
+
+@pytest.mark.parametrize("value", [("abc",), (4, "x"), (0,), (2.5,)])
+def test_low_data_sizes_must_be_positive_whole_numbers(value):
+  with pytest.raises(ValueError, match="low_data.examples_per_class=.*positive whole numbers"):
+    probing.check_config(_probe_config(low_data__examples_per_class=value))
+
+
+def test_a_low_data_size_above_a_class_is_refused_before_probing():
+  config = _probe_config(low_data__examples_per_class=(2, 5))
+  labels = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+  with pytest.raises(ValueError, match="has 5, but class 0 has only 3 training examples"):
+    probing._check_low_data(config, labels)  # pylint: disable=protected-access
+  probing._check_low_data(_probe_config(low_data__examples_per_class=(3,)), labels)  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("pooling", ["norm", "raw"])

@@ -94,7 +94,8 @@ def probe_model(pm: trained.TrainedModel, name: str, config, sources, mesh, cach
   """Probes every configured layer of `pm`: per-layer results, best layer, concat, low data."""
   t0 = time.time()
   layers = features.resolve_layers(config.layers, pm.model_cfg.num_layers)
-  concat = (features.resolve_layers(config.concat_layers, pm.model_cfg.num_layers)
+  concat = (features.resolve_layers(config.concat_layers, pm.model_cfg.num_layers,
+                                    "concat_layers")
             if config.concat_layers else [])
   feats, cache = _extract(pm, config, sources, sorted(set(layers) | set(concat)), mesh,
                           cache_dir)
@@ -188,6 +189,8 @@ def run_probes(config, pm: trained.TrainedModel, out_dir: str, log=print) -> dic
   t0 = time.time()
   check_config(config)
   features.resolve_layers(config.layers, pm.model_cfg.num_layers)  # fail before any work
+  if config.concat_layers:
+    features.resolve_layers(config.concat_layers, pm.model_cfg.num_layers, "concat_layers")
   mesh = sharding.make_mesh(config.mesh)
   sources = labelled_sources(config.data, pm.image_side)
   cache_dir = os.path.join(out_dir, FEATURES_DIR)
