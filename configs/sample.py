@@ -31,5 +31,8 @@ def get_config():
   c.segment_positions = 0  # positions per compiled loop segment; 0 = about seq_len / 8
   c.upscale_factor = 0  # nearest-neighbour pixels per image pixel; 0 = up to ~128 px images
   c.grid_columns = 8  # unconditional grids: images per row
-  c.name = ""  # output file stem; empty = <mode>_step<step>_seed<seed>
+  # Output file stem. Empty: completion_<split>_step<step>_seed<seed> (completion_val_...),
+  # completion_images-<hash>_step<step>_seed<seed> (a hash of the image files completed) or
+  # unconditional_step<step>_seed<seed>: completions of other prompts keep their own files.
+  c.name = ""
   return c

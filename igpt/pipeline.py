@@ -4,7 +4,8 @@ Sources come from `igpt.readers` (images) or hold tokens already (`get_tokens`).
 {'tokens': int32 [b, side*side], 'label': int32 [b]} (label -1 when unlabelled); evaluation
 batches add 'mask'. `batch_at(source, centers, step, ...)` is a pure function of (seed, step):
 the global batch `step` of a stream of per-epoch permutations, so resuming at a step needs no
-iterator state; `augment=True` crops and flips its images first (CIFAR augmentation). `sharding.global_batch` turns a process's share into global arrays.
+iterator state; `augment=True` crops and flips its images first (CIFAR augmentation).
+`sharding.global_batch` turns a process's share into global arrays.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 - `Settings`: temperature, top-k, top-p (nucleus) and greedy, checked by `Settings.check`.
 - `filter_logits` / `sample_token`: the controls applied to one position's logits.
 - `sample(cfg, params, prompt_BxN, rng, settings, ...)`: completes every image after its
-  prompt (or from nothing) and returns the tokens [B, L]. The prompt goes through the model in
-  one pass (prefill); then every remaining position runs inside a `jax.lax.fori_loop` under
-  `jax.jit`, one token per image per step over the key/value cache.
+  prompt (its tokens checked by `check_prompt`) or from nothing and returns the tokens
+  [B, L]. The prompt goes through the model in one pass (prefill); then every remaining
+  position runs inside a `jax.lax.fori_loop` under `jax.jit`, one token per image per step
+  over the key/value cache.
 
 The loop runs in a few segments, each compiled for a fixed cache length (the end of the
 segment): a step attends only over the part of the cache that can be filled, not over the whole
@@ -170,13 +171,42 @@ def _place(params, prompt_BxN, tokens_BxL, mesh):
   return params, jax.device_put(prompt_BxN, batch), jax.device_put(tokens_BxL, batch)
 
 
+def check_prompt(prompt_BxN, vocab_size: int) -> None:
+  """A UserError unless the prompt is integer tokens [B, N] in [0, vocab_size).
+
+  Checked once on the host, before anything is compiled: inside the model a token past the
+  vocabulary reads another token's embedding (or NaN) and nothing says so.
+  """
+  prompt = np.asarray(prompt_BxN)
+  if prompt.ndim != 2:
+    raise UserError(f"prompt_BxN must be tokens [batch, positions]; got shape {prompt.shape}.")
+  if not prompt.size:
+    return
+  if not (np.issubdtype(prompt.dtype, np.integer) and prompt.dtype != np.bool_):
+    raise UserError(f"prompt_BxN must hold integer tokens in [0, {vocab_size}); got dtype "
+                    f"{prompt.dtype}.")
+  bad = (prompt < 0) | (prompt >= vocab_size)
+  if not bad.any():
+    return
+  b, n = (int(i) for i in np.argwhere(bad)[0])
+  value = int(prompt[b, n])
+  if n == 0 and value == vocab_size:
+    fix = (f"{value} is a start-of-sequence token, as at the front of transformers' ImageGPT "
+           "input_ids: drop that first column (the model supplies its own start).")
+  else:
+    fix = "pass palette indices (igpt.palette.encode of the images with the model's palette)."
+  raise UserError(f"prompt_BxN[{b}, {n}] = {value} is outside the model's tokens "
+                  f"[0, {vocab_size}) ({int(bad.sum())} such values): {fix}")
+
+
 def sample(cfg: ModelConfig, params, prompt_BxN, rng, settings: Settings = Settings(), *,
            batch_size: int | None = None, segment_len: int | None = None, mesh=None,
            progress: Callable[[int, int], None] | None = None):
   """Tokens int32 [B, seq_len]: the prompt's N tokens kept, the rest sampled.
 
-  `prompt_BxN` is an int array (N may be 0) or None for unconditional samples of
-  `batch_size` images. `rng` is a JAX key. With `mesh` the batch is split over its batch
+  `prompt_BxN` is an int array of tokens in [0, vocab_size) (N may be 0; others raise a
+  UserError naming the first bad one) or None for unconditional samples of `batch_size`
+  images. `rng` is a JAX key. With `mesh` the batch is split over its batch
   axes (B must divide evenly) and params are replicated. `progress(done, total)` is called
   after the prefill and after each segment with the positions done so far.
   """
@@ -187,6 +217,7 @@ def sample(cfg: ModelConfig, params, prompt_BxN, rng, settings: Settings = Setti
     if not batch_size:
       raise UserError("give a prompt or a batch_size for unconditional samples.")
     prompt_BxN = np.zeros((batch_size, 0), np.int32)
+  check_prompt(prompt_BxN, cfg.vocab_size)
   prompt_BxN = jnp.asarray(prompt_BxN, jnp.int32)
   batch, num_prompt = prompt_BxN.shape
   length = cfg.seq_len

@@ -9,6 +9,7 @@ import os
 import pickle
 import struct
 import tempfile
+import zlib
 
 import numpy as np
 import pytest
@@ -390,6 +391,77 @@ def test_folder_bad_image(tmp_path):
     source.get([1])
 
 
+def _png_chunk(kind, data):
+  return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _write_rgb16_png(path, rgb_HxWx3):
+  """A 16-bit RGB PNG (Pillow cannot write one)."""
+  h, w, _ = rgb_HxWx3.shape
+  rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb_HxWx3)
+  header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB)
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+                   + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b""))
+
+
+# Deep pixels and the 8-bit grey they must read as: the top 8 bits (value >> 8 for 16 bits).
+_DEEP = np.array([[0, 255, 256, 0x7FFF], [0x8000, 0x80FF, 0xFF00, 0xFFFF],
+                  [1, 0x0101, 0x1234, 0xABCD], [0xFEFF, 0x00FF, 0x4000, 0xC0DE]])
+_DEEP_8BIT = np.array([[0, 0, 1, 127], [128, 128, 255, 255], [0, 1, 0x12, 0xAB],
+                       [0xFE, 0, 0x40, 0xC0]], np.uint8)
+
+
+def _save_deep(path, kind):
+  """Writes _DEEP (or _DEEP_8BIT for the 8-bit kinds) as a `kind` image file."""
+  if kind == "16-bit PNG":  # Pillow mode I;16
+    Image.fromarray(_DEEP.astype(np.uint16)).save(path)
+  elif kind == "16-bit big-endian TIFF":  # mode I;16B
+    Image.fromarray(_DEEP.astype(">u2")).save(path.with_suffix(".tif"))
+    return path.with_suffix(".tif")
+  elif kind == "16-bit PGM":  # read back as mode I
+    Image.fromarray(_DEEP.astype(np.uint16)).save(path.with_suffix(".pgm"))
+    return path.with_suffix(".pgm")
+  elif kind == "32-bit TIFF":  # mode I, values past 16 bits
+    Image.fromarray((_DEEP.astype(np.int64) << 15).astype(np.int32)).save(path.with_suffix(".tif"))
+    return path.with_suffix(".tif")
+  elif kind == "16-bit RGB PNG":
+    _write_rgb16_png(path, np.repeat(_DEEP[..., None], 3, -1))
+  elif kind == "8-bit grey PNG":
+    Image.fromarray(_DEEP_8BIT).save(path)
+  elif kind == "8-bit RGBA PNG":
+    Image.fromarray(np.stack([_DEEP_8BIT] * 3 + [np.full_like(_DEEP_8BIT, 9)], -1)).save(path)
+  return path
+
+
+@pytest.mark.parametrize("kind", ["16-bit PNG", "16-bit big-endian TIFF", "16-bit PGM",
+                                  "32-bit TIFF", "16-bit RGB PNG", "8-bit grey PNG",
+                                  "8-bit RGBA PNG"])
+def test_deep_image_files_read_as_their_8_bit_grey(tmp_path, kind):
+  path = _save_deep(tmp_path / "deep.png", kind)
+  with Image.open(path) as im:
+    assert im.mode == {"16-bit PNG": "I;16", "16-bit big-endian TIFF": "I;16B", "16-bit PGM": "I",
+                       "32-bit TIFF": "I"}.get(kind, im.mode), im.mode  # the modes meant
+  images = readers.FileSource([str(path)], None, 4, "deep", None).get([0])[0]
+  np.testing.assert_array_equal(images[0], np.repeat(_DEEP_8BIT[..., None], 3, -1))
+
+
+def test_8_bit_image_files_read_as_before(tmp_path):
+  # The 8-bit path stays Pillow's own conversion to RGB, byte for byte.
+  rng = np.random.default_rng(5)
+  arrays = {"rgb.png": rng.integers(0, 256, (6, 6, 3), np.uint8),
+            "grey.png": rng.integers(0, 256, (6, 6), np.uint8),
+            "rgba.png": rng.integers(0, 256, (6, 6, 4), np.uint8)}
+  for name, array in arrays.items():
+    Image.fromarray(array).save(tmp_path / name)
+  Image.fromarray(arrays["rgb.png"]).quantize(16).save(tmp_path / "palette.png")
+  Image.fromarray(arrays["grey.png"] > 127).save(tmp_path / "bits.png")
+  files = sorted(str(p) for p in tmp_path.glob("*.png"))
+  got = readers.FileSource(files, None, 6, "8-bit", None).get(np.arange(len(files)))[0]
+  for image, path in zip(got, files):
+    with Image.open(path) as im:
+      np.testing.assert_array_equal(image, np.asarray(im.convert("RGB")), err_msg=path)
+
+
 def test_npz_sources(tmp_path):
   x_train, x_test = _random_images(10, 8, c=None), _random_images(4, 8, seed=1)
   np.savez(tmp_path / "mnist.npz", x_train=x_train, y_train=np.arange(10),
@@ -430,6 +502,67 @@ def test_bad_config():
     readers.make_source(_cfg(source="digits"), "train", 8)  # 5000 > 1437 digits
   with pytest.raises(ValueError, match="data.path"):
     readers.make_source(_cfg(source="cifar", path=""), "train", 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-tokenised files (openai_npy)
+
+
+def _save_tokens(folder, tokens, tag="tr"):
+  labels = np.eye(10, dtype=np.uint8)[np.arange(len(tokens)) % 10]
+  np.save(folder / f"cifar10_{tag}X.npy", tokens)
+  np.save(folder / f"cifar10_{tag}Y.npy", labels)
+
+
+# A token file's bad values: (dtype, {(image, position): value}, what the message says).
+BAD_TOKEN_FILES = {
+    "512 in a 512-token file": (np.int16, {(2, 5): 512},
+                                r"image 2 has a token outside \[0, 512\) \(min 7, max 512; 512 at "
+                                r"position 5\)"),
+    "-1 as int16": (np.int16, {(1, 0): -1}, r"image 1 .*min -1, max 7; -1 at position 0"),
+    "-1 as int32": (np.int32, {(3, 15): -1, (4, 2): 600}, r"image 3 .*-1 at position 15"),
+    "-1 stored unsigned": (np.uint16, {(0, 7): 65535}, r"image 0 .*65535 at position 7"),
+    "far out as int64": (np.int64, {(4, 9): 2 ** 40}, rf"image 4 .*{2 ** 40} at position 9"),
+}
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["checked when opened", "checked per batch"])
+@pytest.mark.parametrize("case", BAD_TOKEN_FILES)
+def test_token_files_outside_the_vocabulary_are_refused(tmp_path, monkeypatch, case, eager):
+  dtype, values, match = BAD_TOKEN_FILES[case]
+  tokens = np.full((5, 16), 7, dtype)
+  for at, value in values.items():
+    tokens[at] = value
+  _save_tokens(tmp_path, tokens)
+  if not eager:
+    monkeypatch.setattr(readers.openai_npy, "_EAGER_CHECK_BYTES", 0)
+  cfg = _cfg(source="openai_npy", path=str(tmp_path), name="cifar10", val_split="train")
+  with pytest.raises(UserError, match=match) as info:
+    source = readers.make_source(cfg, "train", 4)
+    assert not eager, "a small file is checked whole when opened"
+    good = [i for i in range(5) if i not in {row for row, _ in values}]
+    pipeline.token_batch(source, None, good)  # how training reads the tokens
+    pipeline.token_batch(source, None, np.arange(5))
+  message = str(info.value)
+  assert "cifar10_trX.npy" in message and "download.py" in message, message
+  assert "palette indices 0..511" in message, message
+
+
+def test_token_files_with_a_start_column_are_explained(tmp_path):
+  _save_tokens(tmp_path, np.concatenate([np.full((5, 1), 512), np.zeros((5, 16))], 1).astype(int))
+  with pytest.raises(UserError, match=r"17 tokens per image is not a square image .*one more "
+                     r"than 4x4, so drop the first column"):
+    readers.token_source(str(tmp_path), "cifar10", "train")
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.int32, np.int64])
+def test_token_files_at_the_vocabulary_edges_are_read_exactly(tmp_path, dtype):
+  tokens = np.tile(np.array([0, 511], dtype), (5, 8))
+  _save_tokens(tmp_path, tokens)
+  source = readers.token_source(str(tmp_path), "cifar10", "train")
+  batch = pipeline.token_batch(readers.subset(source, [4, 0], "two"), None, np.arange(2))
+  assert batch["tokens"].dtype == np.int32
+  np.testing.assert_array_equal(batch["tokens"], tokens[[4, 0]])
 
 
 # ---------------------------------------------------------------------------------------------

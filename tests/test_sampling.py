@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import stats
 
 from igpt import model, sampling, trained
+from igpt.errors import UserError
 from igpt.commands import sample as sample_cli
 from igpt.convert import hf as convert_hf
 import train_helpers
@@ -178,6 +180,58 @@ def test_sharded_over_four_devices_gives_the_same_tokens():
 
 
 # ------------------------------------------------------------------------------------------
+# Prompts from outside
+
+
+def _fail_if_compiled(monkeypatch):
+  """A bad prompt must be refused before either compiled piece of the sampler runs."""
+  def compiled(*args, **kwargs):
+    raise AssertionError("the sampler ran before the prompt was checked")
+  monkeypatch.setattr(sampling, "_prefill", compiled)
+  monkeypatch.setattr(sampling, "_segment", compiled)
+
+
+# (bad values in a [2, 5] prompt of 7s, its dtype, what the message must say).
+BAD_PROMPTS = {
+    "HF start token first": ({(0, 0): 512}, np.int32,
+                             r"prompt_BxN\[0, 0\] = 512 .*\[0, 512\).*drop that first column"),
+    "512 later": ({(1, 3): 512}, np.int32, r"prompt_BxN\[1, 3\] = 512 .*\[0, 512\).*palette"),
+    "-1 int16": ({(1, 4): -1}, np.int16, r"prompt_BxN\[1, 4\] = -1 .*\[0, 512\)"),
+    "-1 int32": ({(0, 2): -1, (1, 0): 600}, np.int32,
+                 r"prompt_BxN\[0, 2\] = -1 .*\(2 such values\)"),
+    "far out int64": ({(0, 1): 2 ** 40}, np.int64, rf"prompt_BxN\[0, 1\] = {2 ** 40} "),
+    "far out uint16": ({(1, 1): 65535}, np.uint16, r"prompt_BxN\[1, 1\] = 65535 "),
+    "floats": ({}, np.float32, "integer tokens in \\[0, 512\\); got dtype float32"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PROMPTS)
+def test_prompts_outside_the_vocabulary_are_refused(monkeypatch, case):
+  cfg, params = _model(vocab_size=512)
+  values, dtype, match = BAD_PROMPTS[case]
+  prompt = np.full((2, 5), 7).astype(dtype)
+  for at, value in values.items():
+    prompt[at] = value
+  _fail_if_compiled(monkeypatch)
+  with pytest.raises(UserError, match=match):
+    sampling.sample(cfg, params, prompt, jax.random.key(0))
+  with pytest.raises(UserError, match="tokens \\[batch, positions\\]; got shape \\(5,\\)"):
+    sampling.sample(cfg, params, prompt[0], jax.random.key(0))
+
+
+def test_prompts_at_the_vocabulary_edges_are_sampled_as_before():
+  cfg, params = _model(vocab_size=512)
+  prompt = np.array([[0, 511, 0, 511, 3], [511, 0, 511, 0, 5]])
+  want = sampling.sample(cfg, params, jnp.asarray(prompt, jnp.int32), jax.random.key(2))
+  for dtype in (np.int16, np.uint16, np.int64):
+    got = sampling.sample(cfg, params, prompt.astype(dtype), jax.random.key(2))
+    np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(np.asarray(want)[:, :5], prompt)
+  # A float array with no prompt tokens is nothing to misread (unconditional).
+  sampling.sample(cfg, params, np.zeros((2, 0)), jax.random.key(2))
+
+
+# ------------------------------------------------------------------------------------------
 # sample.py
 
 
@@ -195,8 +249,6 @@ def _sample_cli(*args, num_devices=1):
 
 
 def test_cli_writes_the_grid_and_the_tokens(tiny_run, tmp_path):
-  from PIL import Image  # noqa: PLC0415
-
   proc = _sample_cli("--workdir", tiny_run, "--out", str(tmp_path), "--config.num_samples=3",
                      "--config.completions_per_image=2", "--config.prompt_rows=3",
                      "--config.name=grid", "--config.upscale_factor=4")
@@ -239,7 +291,10 @@ def test_cli_bad_inputs_give_one_line(tiny_run, tmp_path):
       "unknown flag": (["--workdir", tiny_run, "--stpe=3"], "Unknown command line flag 'stpe'"),
       "two models": (["--workdir", tiny_run, "--hf", str(tmp_path / "hf")],
                      "give exactly one of --workdir (a run folder) and --hf"),
+      "empty images folder": (["--workdir", tiny_run, f"--config.images={tmp_path / 'empty'}"],
+                              f"the folder '{tmp_path / 'empty'}' holds no image files"),
   }
+  os.makedirs(tmp_path / "empty")
   # An HF folder made from the tiny run, for the palette case.
   r = trained.load_run(tiny_run)
   convert_hf.save_hf_checkpoint(r.model_cfg, r.params, str(tmp_path / "hf"))
@@ -256,3 +311,154 @@ def test_cli_bad_inputs_give_one_line(tiny_run, tmp_path):
     assert proc.returncode == 2, (name, stderr[-2000:])
     assert len(errors) == 1 and cases[name][1] in errors[0], (name, stderr[-2000:])
     assert "Traceback" not in stderr, name
+
+
+# ------------------------------------------------------------------------------------------
+# sample.py's outputs: written as a pair, named after their prompts
+
+
+def _picture(seed, side=8):
+  return np.random.default_rng(seed).integers(0, 256, (side, side, 3), np.uint8)
+
+
+def _pair(folder):
+  """{file name: bytes} of the folder (hidden temps included)."""
+  return {f: (folder / f).read_bytes() for f in sorted(os.listdir(folder))}
+
+
+def _half_then(error, path_arg):
+  """A writer that writes the start of the file its argument `path_arg` names, then fails."""
+  def write(*args, **kwargs):
+    del kwargs
+    with open(args[path_arg], "wb") as f:
+      f.write(b"\x89PNG half")
+    raise error
+  return write
+
+
+def _fail_on_call(function, number, error):
+  calls = []
+  def wrapper(*args, **kwargs):
+    calls.append(args)
+    if len(calls) == number:
+      raise error
+    return function(*args, **kwargs)
+  return wrapper
+
+
+ENOSPC = OSError(28, "No space left on device")
+# Where writing the pair can fail: (object, attribute, replacement given the original).
+OUTPUT_FAILURES = {
+    "PNG half-written": (Image.Image, "save", lambda real: _half_then(ENOSPC, 1)),
+    "killed in the PNG": (Image.Image, "save", lambda real: _half_then(KeyboardInterrupt(), 1)),
+    "tokens after the PNG": (np, "save", lambda real: _half_then(ENOSPC, 0)),
+    "first rename": (os, "replace", lambda real: _fail_on_call(real, 1, ENOSPC)),
+    "second rename": (os, "replace", lambda real: _fail_on_call(real, 2, ENOSPC)),
+}
+
+
+@pytest.mark.parametrize("case", OUTPUT_FAILURES)
+def test_failed_output_write_leaves_the_previous_pair(tmp_path, monkeypatch, case):
+  sample_cli.write_outputs(str(tmp_path), "grid", _picture(0), np.arange(6, dtype=np.int16))
+  before = _pair(tmp_path)
+  owner, attribute, replacement = OUTPUT_FAILURES[case]
+  monkeypatch.setattr(owner, attribute, replacement(getattr(owner, attribute)))
+  with pytest.raises((OSError, KeyboardInterrupt)):
+    sample_cli.write_outputs(str(tmp_path), "grid", _picture(1), np.arange(9, dtype=np.int16))
+  monkeypatch.undo()
+  assert _pair(tmp_path) == before  # byte-identical, and no temporaries beside them
+  assert list(before) == ["grid.npy", "grid.png"]
+  sample_cli.write_outputs(str(tmp_path), "grid", _picture(1), np.arange(9, dtype=np.int16))
+  np.testing.assert_array_equal(np.load(tmp_path / "grid.npy"), np.arange(9))
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "grid.png")), _picture(1))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 256 KiB tmpfs (needs root and a kernel that lets this process mount)."""
+  folder = tmp_path / "small"
+  folder.mkdir()
+  try:
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                          capture_output=True, text=True, timeout=30)
+  except (OSError, subprocess.SubprocessError) as e:
+    pytest.skip(f"cannot run mount: {e}")
+  if proc.returncode:
+    pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+  yield folder
+  subprocess.run(["umount", str(folder)], check=True, timeout=30)
+
+
+@pytest.mark.parametrize("side,num_tokens", [(384, 8), (128, 120 << 10)],
+                         ids=["the PNG overfills it", "the tokens overfill it"])
+def test_full_disk_leaves_the_previous_pair(small_disk, side, num_tokens):
+  sample_cli.write_outputs(str(small_disk), "grid", _picture(0), np.arange(6, dtype=np.int16))
+  before = _pair(small_disk)
+  # Random pixels do not compress: side x side x 3 bytes of PNG. (Pillow reports its short
+  # write as a bare OSError, without ENOSPC.)
+  with pytest.raises(OSError):
+    sample_cli.write_outputs(str(small_disk), "grid", _picture(1, side=side),
+                             np.zeros(num_tokens, np.int16))
+  assert _pair(small_disk) == before
+
+
+def test_killed_mid_write_leaves_the_previous_pair(tmp_path):
+  # A real SIGKILL while the PNG is being written: nothing can clean up, so the half-written
+  # temp stays, hidden, but the published pair is the old one.
+  script = textwrap.dedent(f"""
+      import os, signal, numpy as np
+      from PIL import Image
+      from igpt.commands import sample as sample_cli
+      def save(self, fp, *args, **kwargs):
+        open(fp, "wb").write(b"half")
+        os.kill(os.getpid(), signal.SIGKILL)
+      Image.Image.save = save
+      sample_cli.write_outputs({str(tmp_path)!r}, "grid", np.zeros((8, 8, 3), np.uint8),
+                               np.arange(9, dtype=np.int16))
+  """)
+  sample_cli.write_outputs(str(tmp_path), "grid", _picture(0), np.arange(6, dtype=np.int16))
+  before = _pair(tmp_path)
+  proc = subprocess.run([sys.executable, "-c", script], env=train_helpers.env(1),
+                        cwd=train_helpers.REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  after = _pair(tmp_path)
+  assert {f: after[f] for f in before} == before
+  assert all(f.startswith((".grid.png-", ".grid.npy-")) for f in set(after) - set(before)), after
+
+
+def test_default_output_names_say_where_the_prompts_came_from(tmp_path):
+  files = [str(tmp_path / f"{i}.png") for i in range(3)]
+  names = {
+      "val": sample_cli.output_name(_sample_config(), 500, "val"),
+      "test": sample_cli.output_name(_sample_config(split="test"), 500, "test"),
+      "images": sample_cli.output_name(_sample_config(images=str(tmp_path)), 500,
+                                       sample_cli.images_origin(files)),
+      "other images": sample_cli.output_name(_sample_config(images=str(tmp_path)), 500,
+                                             sample_cli.images_origin(files[:2])),
+      "unconditional": sample_cli.output_name(_sample_config(mode="unconditional"), 500),
+  }
+  assert names["val"] == "completion_val_step500_seed0"
+  assert names["unconditional"] == "unconditional_step500_seed0"
+  assert names["images"].startswith("completion_images-")
+  assert names["images"].endswith("_step500_seed0")
+  assert len(set(names.values())) == len(names), names
+  # The hash follows the files, not how the folder was written.
+  assert sample_cli.images_origin(files) == sample_cli.images_origin(
+      [os.path.relpath(f) for f in files])
+  assert sample_cli.output_name(_sample_config(name="mine"), 500, "val") == "mine"
+
+
+def test_completions_of_a_split_and_of_image_files_keep_their_own_files(tiny_run, tmp_path):
+  folder = tmp_path / "pictures"
+  folder.mkdir()
+  for i in range(2):
+    Image.fromarray(_picture(i)).save(folder / f"{i}.png")
+  out = tmp_path / "out"
+  common = dict(num_samples=2, completions_per_image=1, batch_size=2)
+  val = sample_cli.main(_sample_config(**common), trained.ModelSource(workdir=tiny_run), str(out))
+  images = sample_cli.main(_sample_config(images=str(folder), **common),
+                           trained.ModelSource(workdir=tiny_run), str(out))
+  assert os.path.basename(val) == "completion_val_step4_seed0.png"
+  assert os.path.basename(images).startswith("completion_images-")
+  assert sorted(os.listdir(out)) == sorted(os.path.basename(p)[:-4] + ext for p in (val, images)
+                                           for ext in (".npy", ".png"))

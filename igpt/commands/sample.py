@@ -5,11 +5,13 @@ the top `prompt_rows` rows are kept and the rest is sampled, `completions_per_im
 Each grid row is the original, the prompt (unknown part grey), then the completions.
 Unconditional (`mode="unconditional"`): `num_samples` images from nothing, in a grid.
 Beside `<name>.png` goes `<name>.npy`: the sampled tokens ([images, completions, L] or
-[samples, L]).
+[samples, L]); the two are published together or not at all. The default name says where the
+prompts came from (`output_name`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -18,7 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from igpt import palette, readers, run, sampling, trained
+from igpt import fileio, palette, readers, run, sampling, trained
 from igpt.errors import MissingFileError, UserError
 from igpt.pictures import TARGET_CELL_PX, completion_rows, grid
 
@@ -52,11 +54,16 @@ def load_model(source: trained.ModelSource) -> trained.TrainedModel:
                     "kmeans_centers.npy).")
   m = source.load()
   if len(m.palette) < m.model_cfg.vocab_size:
-    # Tokens past the palette cannot be drawn; the model should never predict them, but a
-    # sample could, so refuse rather than fail at the end.
-    raise UserError(f"the palette of {m.description} has {len(m.palette)} colours but the "
-                    f"model has {m.model_cfg.vocab_size} tokens: use the palette it was "
-                    "trained with.")
+    if source.palette:
+      # A palette from outside that lacks colours is most likely another model's.
+      raise UserError(f"the palette {source.palette} has {len(m.palette)} colours but the "
+                      f"model has {m.model_cfg.vocab_size} tokens: use the palette it was "
+                      "trained with.")
+    # A run trained on a smaller palette (its training said so): its other tokens never
+    # occurred, and they are never drawn.
+    logging.info("the run's palette has %d colours for %d tokens: sampling only those.",
+                 len(m.palette), m.model_cfg.vocab_size)
+    m = m.within_palette()
   return m
 
 
@@ -69,28 +76,57 @@ def prompt_rows(config, side: int) -> int:
   return rows
 
 
-def load_images(config, m: trained.TrainedModel) -> np.ndarray:
-  """uint8 [num_samples, side, side, 3] to complete: image files or a split of the run's data."""
+def image_paths(config) -> list[str]:
+  """The files of config.images (comma-separated files and folders), in order."""
+  files = []
+  for path in str(config.images).split(","):
+    if os.path.isdir(path):
+      found = readers.image_files(path)
+      if not found:
+        raise UserError(f"images: the folder {path!r} holds no image files (looked for "
+                        f"{', '.join(readers.IMAGE_EXTENSIONS)}).")
+      files += found
+    elif os.path.isfile(path):
+      files.append(path)
+    else:
+      raise MissingFileError(f"images: {path!r} is neither an image file nor a folder.")
+  return files
+
+
+def images_origin(files) -> str:
+  """'images-<hash>': names prompts taken from these image files (a short hash of their
+  absolute paths), so completions of other files do not overwrite them."""
+  listing = "\n".join(os.path.abspath(f) for f in files)
+  return "images-" + hashlib.sha256(listing.encode()).hexdigest()[:8]
+
+
+def load_images(config, m: trained.TrainedModel) -> tuple[np.ndarray, str]:
+  """(uint8 [num_samples, side, side, 3] to complete, where they came from for the output
+  name): image files ('images-<hash>') or a split of the run's data (its name)."""
   first, count = int(config.first_image_index), int(config.num_samples)
   if config.images:
-    files = []
-    for path in str(config.images).split(","):
-      if os.path.isdir(path):
-        files += readers.image_files(path)
-      elif os.path.isfile(path):
-        files.append(path)
-      else:
-        raise MissingFileError(f"images: {path!r} is neither an image file nor a folder.")
+    files = image_paths(config)
     source = readers.FileSource(files, None, m.image_side, "image files", None)
+    origin = images_origin(files[first:first + count])
   elif m.data is None:
     raise UserError("--hf has no training data to take prompts from: set --config.images "
                     "(files or folders) or --config.mode=unconditional.")
   else:
     source = readers.make_source(m.data, config.split, m.image_side)
+    origin = str(config.split)
   if first + count > len(source):
     raise UserError(f"first_image_index={first} + num_samples={count} exceeds the "
                     f"{len(source)} images of {source.description}.")
-  return source.get(np.arange(first, first + count))[0]
+  return source.get(np.arange(first, first + count))[0], origin
+
+
+def output_name(config, step: int, origin: str = "") -> str:
+  """config.name, or `<mode>[_<origin>]_step<step>_seed<seed>`: completions say where their
+  prompts came from (`origin`), so a split's and image files' do not overwrite each other."""
+  if config.name:
+    return str(config.name)
+  mode = f"{config.mode}_{origin}" if origin else str(config.mode)
+  return f"{mode}_step{step}_seed{config.seed}"
 
 
 class Progress:
@@ -145,13 +181,18 @@ def upscale_factor(config, side: int) -> int:
 
 
 def write_outputs(out_dir: str, name: str, picture: np.ndarray, tokens: np.ndarray) -> str:
-  """Writes <name>.png and <name>.npy into out_dir; returns the PNG's path."""
+  """Writes <name>.png and <name>.npy into out_dir; returns the PNG's path.
+
+  Both are written beside their final names first and published as a pair: a failed write
+  (a full disk, a kill mid-write) leaves the previous pair as it was, never a new picture
+  beside old tokens.
+  """
   from PIL import Image  # noqa: PLC0415
 
-  os.makedirs(out_dir, exist_ok=True)
-  png = os.path.join(out_dir, f"{name}.png")
-  Image.fromarray(picture).save(png, optimize=True)
-  np.save(os.path.join(out_dir, f"{name}.npy"), tokens)
+  png, npy = (os.path.join(out_dir, f"{name}{ext}") for ext in (".png", ".npy"))
+  with fileio.atomic_files([png, npy]) as (png_tmp, npy_tmp):
+    Image.fromarray(picture).save(png_tmp, optimize=True)
+    np.save(npy_tmp, tokens)
   return png
 
 
@@ -166,7 +207,7 @@ def main(config, source: trained.ModelSource, out_dir: str | None) -> str:
   upscale = upscale_factor(config, side)
   if config.mode == "completion":
     rows = prompt_rows(config, side)
-    images = load_images(config, m)
+    images, origin = load_images(config, m)
     originals = palette.encode(images, m.palette)
     per_image = int(config.completions_per_image)
     prompts = np.repeat(originals[:, :rows * side], per_image, axis=0)
@@ -178,14 +219,14 @@ def main(config, source: trained.ModelSource, out_dir: str | None) -> str:
     quantised = palette.decode(originals, m.palette, side)
     picture = grid(completion_rows(quantised, decoded, rows), upscale)
   else:
-    num = int(config.num_samples)
+    num, origin = int(config.num_samples), ""
     logging.info("drawing %d unconditional samples", num)
     tokens = sample_all(m, np.zeros((num, 0), np.int32), settings, int(config.seed),
                         int(config.batch_size), segment_len)
     decoded = palette.decode(tokens, m.palette, side)
     columns = int(config.grid_columns) or num
     picture = grid([list(decoded[i:i + columns]) for i in range(0, num, columns)], upscale)
-  name = config.name or f"{config.mode}_step{m.step}_seed{config.seed}"
+  name = output_name(config, m.step, origin)
   out_dir = out_dir or (run.path(m.workdir, run.SAMPLES_DIR) if m.workdir else run.SAMPLES_DIR)
   png = write_outputs(out_dir, name, picture, tokens.astype(np.int16))
   logging.info("wrote %s and %s.npy", png, os.path.splitext(png)[0])

@@ -3,7 +3,8 @@
 - `prepare_images(images, side)`: uint8 images of any size and channel count -> uint8 RGB
   [n, side, side, 3] (grey -> 3 channels, non-square -> centre crop, then an area resize).
 - `ImageSource`: random access to prepared images and int32 labels (or None); `ArraySource`
-  holds them in memory, `FileSource` decodes image files on demand.
+  holds them in memory, `FileSource` decodes image files on demand (16- and 32-bit grey
+  scaled to 8 bits).
 - `SubsetSource` / `TokenSubset`: the examples of an image / token source at given indices.
 - `require_dir`, `folder_signature`: the checks and cache keys the loaders share.
 """
@@ -201,12 +202,27 @@ class FileSource(ImageSource):
       path = self.files[i]
       try:
         with Image.open(path) as im:
-          images.append(np.asarray(im.convert("RGB")))
+          images.append(_decoded(im))
       except (OSError, UnidentifiedImageError, ValueError) as e:
         raise UserError(f"Image file {path!r} could not be read (truncated or not an image?): "
                         f"{e}") from e
     labels = None if self.labels is None else self.labels[indices]
     return images, labels
+
+
+def _decoded(im) -> np.ndarray:
+  """A PIL image as uint8 [H, W, 3], or [H, W] for 16- and 32-bit grey (modes I;16*, I).
+
+  Pillow converts those to RGB by clipping every value to 255 (a 16-bit PNG turns white), so
+  they keep their top 8 bits here instead: value >> 8 for 16 bits, as Pillow itself does for
+  16-bit RGB. Mode I holds 16-bit PNG and PGM pixels as well as 32-bit ones: it is read as 16
+  bits when every value fits, else as 31-bit non-negative values.
+  """
+  if not im.mode.startswith("I"):
+    return np.asarray(im.convert("RGB"))
+  values = np.asarray(im).astype(np.int64)
+  bits = 16 if values.max(initial=0) <= 0xFFFF else 31
+  return (np.clip(values, 0, None) >> (bits - 8)).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,8 +46,12 @@ class TokenSource:
       raise UserError(f"{what}: tokens must be an integer array [N, side*side]; got dtype "
                       f"{x.dtype}, shape {x.shape}.")
     if x.shape[1] == 0 or math.isqrt(x.shape[1]) ** 2 != x.shape[1]:
+      side = math.isqrt(max(x.shape[1] - 1, 0))
+      hint = (f": one more than {side}x{side}, so drop the first column if it holds a "
+              "start-of-sequence token (transformers' input_ids do)"
+              if side and side * side == x.shape[1] - 1 else "")
       raise UserError(f"{what}: {x.shape[1]} tokens per image is not a square image "
-                      "(side*side).")
+                      f"(side*side){hint}.")
     if y.ndim != 2 or y.shape[1] == 0 or not (np.issubdtype(y.dtype, np.number)
                                              or y.dtype == np.bool_):
       raise UserError(f"{what}: labels must be one-hot numbers [N, classes]; got dtype "
@@ -59,11 +63,18 @@ class TokenSource:
     """ValueError unless tokens are in [0, num_tokens) and labels one-hot; `rows` are the file
     rows of x and y (default: 0, 1, ...), for the message."""
     name = lambda i: int(i if rows is None else rows[i])
-    bad = np.flatnonzero(np.any((x < 0) | (x >= self.num_tokens), axis=1))
+    outside = (x < 0) | (x >= self.num_tokens)
+    bad = np.flatnonzero(np.any(outside, axis=1))
     if bad.size:
       i = bad[0]
+      p = int(np.flatnonzero(outside[i])[0])
       raise UserError(f"{self.description}: image {name(i)} has a token outside "
-                      f"[0, {self.num_tokens}) (min {x[i].min()}, max {x[i].max()}).")
+                      f"[0, {self.num_tokens}) (min {x[i].min()}, max {x[i].max()}; "
+                      f"{x[i, p]} at position {p}): the file must hold palette indices "
+                      f"0..{self.num_tokens - 1}, one per pixel. Fetch it again with download.py "
+                      "of github.com/openai/image-gpt; tokens made elsewhere must drop any "
+                      f"start-of-sequence column (transformers' input_ids begin with "
+                      f"{self.num_tokens}).")
     ok = np.all((y == 0) | (y == 1), axis=1) & (np.count_nonzero(y, axis=1) == 1)
     if not np.all(ok):
       i = np.flatnonzero(~ok)[0]
@@ -92,8 +103,8 @@ class TokenSource:
 def _open_npy(path: str) -> np.ndarray:
   if not os.path.isfile(path):
     raise MissingFileError(
-                           f"{path!r} does not exist. The release's token files are fetched by download.py of "
-                           "github.com/openai/image-gpt (--dataset cifar10 or imagenet).")
+        f"{path!r} does not exist. The release's token files are fetched by download.py of "
+        "github.com/openai/image-gpt (--dataset cifar10 or imagenet).")
   try:
     return np.load(path, mmap_mode="r", allow_pickle=False)
   except (ValueError, OSError) as e:
