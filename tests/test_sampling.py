@@ -462,3 +462,22 @@ def test_completions_of_a_split_and_of_image_files_keep_their_own_files(tiny_run
   assert os.path.basename(images).startswith("completion_images-")
   assert sorted(os.listdir(out)) == sorted(os.path.basename(p)[:-4] + ext for p in (val, images)
                                            for ext in (".npy", ".png"))
+
+
+def test_prompts_of_a_pre_tokenised_split_are_read_as_tokens(tmp_path):
+  # OpenAI's .npy token files have no images: their tokens are the prompts as they are.
+  import ml_collections  # noqa: PLC0415
+  from igpt import config as config_lib  # noqa: PLC0415
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 512, (10, 16)).astype(np.uint16)
+  np.save(tmp_path / "cifar10_teX.npy", tokens)
+  np.save(tmp_path / "cifar10_teY.npy", np.eye(10, dtype=np.uint8)[np.arange(10)])
+  run_config = ml_collections.ConfigDict({"data": config_lib.data_section()})
+  run_config.data.update(source="openai_npy", path=str(tmp_path), name="cifar10")
+  cfg = model.ModelConfig(num_layers=1, d_model=8, num_heads=2, seq_len=16, vocab_size=512)
+  m = trained.TrainedModel(model_cfg=cfg, params={}, palette=rng.uniform(-1, 1, (512, 3)),
+                           description="made up", identity="x", config=run_config)
+  got, origin = sample_cli.load_prompt_tokens(
+      _sample_config(split="test", num_samples=3, first_image_index=2), m)
+  np.testing.assert_array_equal(got, tokens[2:5])
+  assert origin == "test"

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from igpt import fileio, palette, readers, run, sampling, trained
+from igpt import fileio, palette, pipeline, readers, run, sampling, trained
 from igpt.errors import MissingFileError, UserError
 from igpt.pictures import TARGET_CELL_PX, completion_rows, grid
 
@@ -100,9 +100,10 @@ def images_origin(files) -> str:
   return "images-" + hashlib.sha256(listing.encode()).hexdigest()[:8]
 
 
-def load_images(config, m: trained.TrainedModel) -> tuple[np.ndarray, str]:
-  """(uint8 [num_samples, side, side, 3] to complete, where they came from for the output
-  name): image files ('images-<hash>') or a split of the run's data (its name)."""
+def load_prompt_tokens(config, m: trained.TrainedModel) -> tuple[np.ndarray, str]:
+  """(int32 [num_samples, side*side] tokens of the images to complete, where they came from
+  for the output name): image files ('images-<hash>') or a split of the run's data (its
+  name), encoded with the model's palette; a pre-tokenised split is read as it is."""
   first, count = int(config.first_image_index), int(config.num_samples)
   if config.images:
     files = image_paths(config)
@@ -117,7 +118,7 @@ def load_images(config, m: trained.TrainedModel) -> tuple[np.ndarray, str]:
   if first + count > len(source):
     raise UserError(f"first_image_index={first} + num_samples={count} exceeds the "
                     f"{len(source)} images of {source.description}.")
-  return source.get(np.arange(first, first + count))[0], origin
+  return pipeline.token_batch(source, m.palette, np.arange(first, first + count))["tokens"], origin
 
 
 def output_name(config, step: int, origin: str = "") -> str:
@@ -207,14 +208,13 @@ def main(config, source: trained.ModelSource, out_dir: str | None) -> str:
   upscale = upscale_factor(config, side)
   if config.mode == "completion":
     rows = prompt_rows(config, side)
-    images, origin = load_images(config, m)
-    originals = palette.encode(images, m.palette)
+    originals, origin = load_prompt_tokens(config, m)
     per_image = int(config.completions_per_image)
     prompts = np.repeat(originals[:, :rows * side], per_image, axis=0)
-    logging.info("completing %d images x %d from their top %d of %d rows", len(images),
+    logging.info("completing %d images x %d from their top %d of %d rows", len(originals),
                  per_image, rows, side)
     tokens = sample_all(m, prompts, settings, int(config.seed), int(config.batch_size),
-                        segment_len).reshape(len(images), per_image, seq_len)
+                        segment_len).reshape(len(originals), per_image, seq_len)
     decoded = palette.decode(tokens, m.palette, side)
     quantised = palette.decode(originals, m.palette, side)
     picture = grid(completion_rows(quantised, decoded, rows), upscale)
