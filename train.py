@@ -6,6 +6,7 @@
 Rerunning the same command resumes from the newest checkpoint in --workdir (with the same
 model and data settings; total_steps and the log/eval/checkpoint cadence may change). Mistakes
 end in one `error: ...` line and exit status 2; --debug (or IGPT_DEBUG=1) shows the traceback.
+SIGTERM saves the step the run is on and exits with status 75 (rerun to resume).
 Multi-host: run the same command on every host (TPU pods, SLURM, Open MPI are detected), or set
 --config.distributed=True with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
 """

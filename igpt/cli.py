@@ -2,7 +2,8 @@
 
 A user's mistake (a bad config value or flag, a missing file, a folder that is not a run or is
 in use, a full or read-only disk, a diverged run) ends in one line `error: ...` and exit
-status 2; `--debug` (or IGPT_DEBUG=1) shows the traceback instead. Ctrl-C ends with one line.
+status 2; `--debug` (or IGPT_DEBUG=1) shows the traceback instead. Ctrl-C ends with one line;
+a preempted run (SIGTERM) with one line and status 75.
 Anything else is a bug and keeps its traceback.
 
     app.run(main, flags_parser=cli.parse_flags)   # flag and config-file mistakes
@@ -22,13 +23,14 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from igpt import config as config_lib
-from igpt.errors import UserError
+from igpt.errors import Preempted, UserError
 from igpt.guards import DivergedError, NonFiniteLossError
 
 if "debug" not in flags.FLAGS:  # an entry point's module may define it first
   flags.DEFINE_bool("debug", False, "Show tracebacks for user errors too.")
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run stopped on request, saved; rerun to resume
 EXIT_INTERRUPTED = 130
 
 # Errors that mean "the input (or the machine's disk) is wrong", not "the code is wrong": a
@@ -299,6 +301,8 @@ def run_main(main, interrupted_hint="", debug_hint: bool = True,
     quiet_orbax_teardown()
   try:
     main()
+  except Preempted as e:
+    _last_words(f"{e}\n", EXIT_PREEMPTED, hard_exit)
   except KeyboardInterrupt:
     hint = interrupted_hint() if callable(interrupted_hint) else interrupted_hint
     _last_words(f"\ninterrupted{': ' + hint if hint else ''}\n", EXIT_INTERRUPTED, hard_exit)

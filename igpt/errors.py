@@ -18,3 +18,12 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class MissingDependencyError(UserError, ImportError):
   """An optional package this input needs is not installed (the message says what to install)."""
+
+
+class Preempted(Exception):
+  """The job was asked to stop (SIGTERM, a preemption notice); `step` is saved and whole."""
+
+  def __init__(self, step: int, checkpoint_dir: str):
+    super().__init__(f"preempted at step {step} (saved in {checkpoint_dir}); rerun the same "
+                     "command to resume")
+    self.step = step

@@ -20,6 +20,7 @@ Pieces the benchmark and tests reuse:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -32,8 +33,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from igpt import (distributed, evaluation, guards, metrics, objectives, optim, pipeline, readers,
-                  run, sharding, spec as spec_lib, train_actions, train_samples, trained)
+from igpt import (distributed, evaluation, guards, metrics, objectives, optim, pipeline,
+                  preemption, readers, run, sharding, spec as spec_lib, train_actions,
+                  train_samples, trained)
 from igpt.errors import UserError
 from igpt.model import ModelConfig
 
@@ -304,9 +306,12 @@ def train(spec: spec_lib.RunSpec, folder: run.TrainingRun) -> dict:
                                    window),
   ]
   actions = [a for a in actions if a is not None]
+  save = next(a for a in actions if isinstance(a, train_actions.SaveCheckpoint))
   profiler = train_actions.Profiler(t.profile_start_step, t.profile_num_steps,
                                     folder.profile_dir)
-  with jax.set_mesh(mesh):
+  # The report's writers are closed however the loop ends (a stop, a divergence, an error),
+  # so nothing it logged is lost with the process.
+  with contextlib.closing(report), jax.set_mesh(mesh), preemption.Notice() as notice:
     for step in range(start_step, t.total_steps):
       profiler.before(step)
       state, step_metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
@@ -317,7 +322,8 @@ def train(spec: spec_lib.RunSpec, folder: run.TrainingRun) -> dict:
       if done < t.total_steps:
         batch = data.batch_at(done)  # host work overlaps the device step just dispatched
       train_actions.run_due(actions, window, clock, report, done, t.total_steps, state)
-  report.close()
+      if done < t.total_steps and notice.stop_at(done):  # the same step on every process
+        train_actions.stop_for_preemption(save, window, folder, done, state)
   if best is not None:
     report.final.update(test_accuracy(spec, evaluate, best, abstract_state["params"], data))
   return report.final

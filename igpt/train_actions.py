@@ -20,7 +20,7 @@ import jax
 from absl import logging
 from PIL import Image
 
-from igpt import fileio, losses, metrics
+from igpt import errors, fileio, losses, metrics
 
 
 class Report:
@@ -175,6 +175,17 @@ class SaveCheckpoint(Action):
              "guard": self.guard.reference}
     self.folder.save(step, state, extra)
     self.window.last_good_step = step
+
+
+def stop_for_preemption(save: SaveCheckpoint, window: MetricsWindow, folder, step: int,
+                        state: dict) -> None:
+  """Saves `step` (once the guard has seen every step before it), waits until the save is
+  committed, and raises errors.Preempted."""
+  if window.pending:
+    window.fetch()
+  save(step, state)  # skipped by the checkpointer if this step was just saved
+  folder.ckpt.wait()
+  raise errors.Preempted(step, folder.ckpt.directory)
 
 
 class Profiler:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 
 import jax
 import numpy as np
+import pytest
 
 import train_helpers as th
 
@@ -72,3 +74,65 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
   _run_two_processes(multi, str(tmp_path))
   evals_again = [r for r in th.read_metrics(multi) if "eval_loss" in r]
   assert evals_again == evals_m  # nothing retrained, nothing rewritten
+
+
+PREEMPT_OVERRIDES = {"train.total_steps": 120, "train.checkpoint_every_steps": 1000,
+                     "train.log_every_steps": 2, "train.eval_every_steps": 1000}
+
+
+def _start_two(workdir, log_dir, name):
+  port = th.free_port()
+  logs = [open(os.path.join(log_dir, f"{name}_{i}.log"), "w+") for i in range(2)]
+  workers = [
+      subprocess.Popen(th.cli_args(workdir, distributed=True, **PREEMPT_OVERRIDES), cwd=th.REPO,
+                       env=th.env(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                  JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i),
+                       stdout=subprocess.DEVNULL, stderr=logs[i])
+      for i in range(2)]
+  return workers, logs
+
+
+def _finish(workers, logs, timeout=240):
+  texts = []
+  try:
+    for w in workers:
+      w.wait(timeout=timeout)
+  finally:
+    for w, log in zip(workers, logs):
+      if w.poll() is None:
+        w.kill()
+      log.seek(0)
+      texts.append(log.read())
+      log.close()
+  return [w.returncode for w in workers], texts
+
+
+@pytest.mark.parametrize("targets", [(1,), (0, 1)], ids=["one process", "both processes"])
+def test_sigterm_stops_every_process_at_one_saved_step(tmp_path, targets):
+  workdir = str(tmp_path / "run")
+  workers, logs = _start_two(workdir, str(tmp_path), "preempted")
+  deadline = time.time() + 240
+  while "step 4/" not in open(logs[0].name).read() and time.time() < deadline:
+    if any(w.poll() is not None for w in workers):
+      break
+    time.sleep(0.05)
+  for i in targets:
+    workers[i].send_signal(signal.SIGTERM)
+  codes, texts = _finish(workers, logs)
+  assert codes == [75, 75], [t[-3000:] for t in texts]
+  lasts = [t.strip().splitlines()[-1] for t in texts]
+  assert lasts[0] == lasts[1] and lasts[0].startswith("preempted at step "), lasts
+  saved = int(lasts[0].split()[3])
+  assert 4 <= saved < PREEMPT_OVERRIDES["train.total_steps"], lasts
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(saved)]
+  config = th.tiny_config(**{k.replace(".", "__"): v for k, v in PREEMPT_OVERRIDES.items()})
+  step, _, extra = th.restore_latest(config, workdir)
+  assert step == saved and extra["data"]["next_step"] == saved
+
+  if targets == (1,):  # the same command resumes it, to the end
+    workers, logs = _start_two(workdir, str(tmp_path), "resumed")
+    codes, texts = _finish(workers, logs)
+    assert codes == [0, 0], [t[-3000:] for t in texts]
+    assert f"Resumed from checkpoint step {saved}" in texts[0]
+    steps = [r["step"] for r in th.read_metrics(workdir) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == PREEMPT_OVERRIDES["train.total_steps"]

@@ -299,17 +299,39 @@ def _latest_checkpoint(workdir):
   return max(steps, default=None)
 
 
-def test_sigkill_and_resume_is_bit_exact(tmp_path):
-  steps = 40  # enough steps left after the kill point that the run cannot finish first
-  overrides = {"train.total_steps": steps, "train.checkpoint_every_steps": 3,
-               "train.log_every_steps": 3, "train.eval_every_steps": 20}
-  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  env = th.env(1)
-  # The uninterrupted reference runs alongside the run we kill.
-  ref_log = open(tmp_path / "straight.log", "w+")
-  ref = subprocess.Popen(th.cli_args(straight, **overrides), env=env, cwd=th.REPO,
-                         stdout=subprocess.DEVNULL, stderr=ref_log)
-  victim = subprocess.Popen(th.cli_args(killed, **overrides), env=env, cwd=th.REPO,
+RESUME_OVERRIDES = {"train.total_steps": 40, "train.checkpoint_every_steps": 3,
+                    "train.log_every_steps": 3, "train.eval_every_steps": 20}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """An uninterrupted 40-step run: what an interrupted and resumed one must equal."""
+  workdir = str(tmp_path_factory.mktemp("straight") / "run")
+  th.run(th.cli_args(workdir, **RESUME_OVERRIDES))
+  return workdir
+
+
+def _assert_same_final_state(straight, resumed):
+  config = th.tiny_config(**{k.replace(".", "__"): v for k, v in RESUME_OVERRIDES.items()})
+  steps = RESUME_OVERRIDES["train.total_steps"]
+  step_a, a, extra_a = th.restore_latest(config, straight)
+  step_b, b, extra_b = th.restore_latest(config, resumed)
+  assert step_a == step_b == steps and extra_a["data"] == extra_b["data"]
+  leaves_a, leaves_b = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(x, y)  # bit for bit (params, Adam moments, step)
+  # The resumed run's metrics continue the file without duplicated steps.
+  resumed_steps = [r["step"] for r in th.read_metrics(resumed) if "loss" in r]
+  assert resumed_steps == sorted(set(resumed_steps)) and resumed_steps[-1] == steps
+  # So do its TensorBoard curves (as TensorBoard reads them): the steps of metrics.jsonl, once.
+  _assert_tensorboard_matches_metrics(resumed)
+
+
+def test_sigkill_and_resume_is_bit_exact(straight_run, tmp_path):
+  steps = RESUME_OVERRIDES["train.total_steps"]  # enough left after the kill point
+  killed = str(tmp_path / "killed")
+  victim = subprocess.Popen(th.cli_args(killed, **RESUME_OVERRIDES), env=th.env(1), cwd=th.REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while (_latest_checkpoint(killed) or 0) < 6 and victim.poll() is None and time.time() < deadline:
@@ -320,25 +342,34 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
   assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
   interrupted_at = _latest_checkpoint(killed)
   assert interrupted_at is not None and interrupted_at < steps
-  th.run(th.cli_args(killed, **overrides))  # resumes from the newest whole checkpoint
-  ref.wait(timeout=240)
-  ref_log.seek(0)
-  assert ref.returncode == 0, ref_log.read()[-4000:]
-  ref_log.close()
+  th.run(th.cli_args(killed, **RESUME_OVERRIDES))  # resumes from the newest whole checkpoint
+  _assert_same_final_state(straight_run, killed)
 
-  config = th.tiny_config(**{k.replace(".", "__"): v for k, v in overrides.items()})
-  step_a, a, extra_a = th.restore_latest(config, straight)
-  step_b, b, extra_b = th.restore_latest(config, killed)
-  assert step_a == step_b == steps and extra_a["data"] == extra_b["data"]
-  leaves_a, leaves_b = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
-  assert len(leaves_a) == len(leaves_b)
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(x, y)  # bit for bit (params, Adam moments, step)
-  # The resumed run's metrics continue the file without duplicated steps.
-  resumed_steps = [r["step"] for r in th.read_metrics(killed) if "loss" in r]
-  assert resumed_steps == sorted(set(resumed_steps)) and resumed_steps[-1] == steps
-  # So do its TensorBoard curves (as TensorBoard reads them): the steps of metrics.jsonl, once.
-  _assert_tensorboard_matches_metrics(killed)
+
+def test_sigterm_saves_the_step_it_stops_at_and_resume_is_bit_exact(straight_run, tmp_path):
+  # What a preemptible VM or a scheduler sends before eviction: the run saves where it is.
+  steps = RESUME_OVERRIDES["train.total_steps"]
+  stopped = str(tmp_path / "stopped")
+  victim = subprocess.Popen(th.cli_args(stopped, **RESUME_OVERRIDES), env=th.env(1),
+                            cwd=th.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+  lines = []
+  for line in victim.stderr:
+    lines.append(line)
+    if f"step 6/{steps}" in line:
+      victim.send_signal(signal.SIGTERM)
+      time.sleep(0.05)
+      victim.send_signal(signal.SIGTERM)  # a second notice during the save changes nothing
+  victim.wait(timeout=240)
+  assert victim.returncode == 75, "".join(lines[-20:])
+  last = lines[-1].strip()
+  assert last.startswith("preempted at step ") and last.endswith(
+      "rerun the same command to resume"), last
+  saved = int(last.split()[3])
+  assert 6 <= saved < steps and _latest_checkpoint(stopped) == saved, (saved, lines[-5:])
+  assert not [n for n in os.listdir(os.path.join(stopped, "checkpoints")) if "tmp" in n]
+  th.run(th.cli_args(stopped, **RESUME_OVERRIDES))
+  _assert_same_final_state(straight_run, stopped)
 
 
 def _assert_tensorboard_matches_metrics(workdir):
