@@ -79,7 +79,8 @@ def base_config(*, num_layers: int, d_model: int, num_heads: int, image_side: in
       dtype="float32",  # compute dtype (float32 | bfloat16 | float16); params stay float32
       remat=False,  # rematerialise each block in the backward pass (less memory, more FLOPs)
       # auto: our blocked kernel on CPU, cuDNN flash attention on GPU in half precision
-      # (else XLA), XLA on TPU; or force one of blocked | xla | cudnn.
+      # (else XLA), Pallas splash attention on TPU where its block sizes fit (else XLA); or
+      # force one of blocked | xla | cudnn | splash.
       attention="auto"))
   c.model.update(model_overrides)
 

@@ -1,8 +1,9 @@
 """Compute kernels of the iGPT block, kept apart from the model's definition.
 
-- `attention(q, k, v, causal, implementation)`: one entry over three implementations:
+- `attention(q, k, v, causal, implementation)`: one entry over four implementations:
   "blocked" (ours, exact softmax, fastest on CPU), "xla" (`jax.nn.dot_product_attention`'s XLA
-  path) and "cudnn" (cuDNN flash attention on NVIDIA GPUs, bfloat16/float16 only).
+  path), "cudnn" (cuDNN flash attention on NVIDIA GPUs, bfloat16/float16 only) and "splash"
+  (JAX's Pallas splash attention kernel for TPUs, float32/bfloat16).
   `resolve_attention` turns the config's "auto" into one of them for the running backend.
 - `mlp` and `rms_norm`: the block's MLP and norm with hand-written backward passes (same math
   as autodiff; they spare XLA:CPU large transposed copies).
@@ -20,37 +21,57 @@ import jax.numpy as jnp
 from igpt.errors import UserError
 
 NORM_EPS = 1e-5
-ATTENTION_CHOICES = ("auto", "blocked", "xla", "cudnn")
+ATTENTION_CHOICES = ("auto", "blocked", "xla", "cudnn", "splash")
 # cuDNN's flash attention (jax.nn.dot_product_attention, implementation="cudnn") takes
 # head sizes up to 128 (256 on Hopper) in multiples of 8, in half precision only.
 _CUDNN_DTYPES = ("bfloat16", "float16")
 _CUDNN_MAX_HEAD_DIM = 128
+# The splash kernel's query and key tiles (JAX's default block sizes, not tuned on a TPU):
+# it needs the sequence length to be a multiple of them. It takes any head size, also ones
+# off the TPU's 128 lanes (64, 96, 192). TPUs do not compute in float16, so that stays with
+# XLA.
+SPLASH_BLOCK = 128
+_SPLASH_DTYPES = ("float32", "bfloat16")
 
 
-def resolve_attention(requested: str, dtype: str, head_dim: int, backend: str) -> str:
+def resolve_attention(requested: str, dtype: str, head_dim: int, seq_len: int,
+                      backend: str) -> str:
   """The attention implementation to run: `requested`, or what "auto" means on `backend`.
 
   auto: "blocked" on CPU; on GPU "cudnn" when the compute dtype is half precision and the head
-  size suits cuDNN, else "xla"; "xla" elsewhere (TPU). An explicit choice that cannot run
-  raises ValueError naming `model.attention`.
+  size suits cuDNN, else "xla"; on TPU "splash" when the sequence length is a multiple of
+  `SPLASH_BLOCK` and the dtype float32 or bfloat16, else "xla"; "xla" elsewhere. An explicit
+  choice that cannot run raises UserError naming `model.attention`.
   """
   if requested not in ATTENTION_CHOICES:
     raise UserError(f"model.attention={requested!r} is unknown: use one of "
                     f"{list(ATTENTION_CHOICES)}.")
   cudnn_ok = dtype in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= _CUDNN_MAX_HEAD_DIM
+  splash_ok = dtype in _SPLASH_DTYPES and seq_len % SPLASH_BLOCK == 0
   if requested == "auto":
     if backend == "cpu":
       return "blocked"
+    if backend == "tpu":
+      return "splash" if splash_ok else "xla"
     return "cudnn" if backend == "gpu" and cudnn_ok else "xla"
-  if requested == "cudnn":
-    if backend != "gpu":
-      raise UserError(f"model.attention='cudnn' needs an NVIDIA GPU, but JAX runs on "
+  # A forced kernel: the backend it needs, and what it needs of the model there.
+  needs = {
+      "cudnn": ("gpu", "an NVIDIA GPU", cudnn_ok,
+                f"model.dtype bfloat16 or float16 and a head size (d_model / num_heads) that is "
+                f"a multiple of 8 up to {_CUDNN_MAX_HEAD_DIM}; got dtype {dtype!r} and head "
+                f"size {head_dim}"),
+      "splash": ("tpu", "a TPU", splash_ok,
+                 f"a sequence length (model.image_side squared) that is a multiple of "
+                 f"{SPLASH_BLOCK} (an image side that is a multiple of 16) and model.dtype "
+                 f"float32 or bfloat16; got length {seq_len} and dtype {dtype!r}"),
+  }
+  if requested in needs:
+    needed_backend, device, fits, requirement = needs[requested]
+    if backend != needed_backend:
+      raise UserError(f"model.attention={requested!r} needs {device}, but JAX runs on "
                       f"{backend!r}; use 'auto', 'xla' or 'blocked'.")
-    if not cudnn_ok:
-      raise UserError(
-          f"model.attention='cudnn' needs model.dtype bfloat16 or float16 and a head size "
-          f"(d_model / num_heads) that is a multiple of 8 up to {_CUDNN_MAX_HEAD_DIM}; got "
-          f"dtype {dtype!r} and head size {head_dim}. Use 'auto' or 'xla'.")
+    if not fits:
+      raise UserError(f"model.attention={requested!r} needs {requirement}. Use 'auto' or 'xla'.")
   return requested
 
 
@@ -58,12 +79,68 @@ def attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal: bool, implementation: str
   """Softmax attention scaled by 1/sqrt(K) with a resolved `implementation` (not "auto")."""
   if implementation == "blocked":
     return blocked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal)
+  if implementation == "splash":
+    return splash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal)
   if implementation not in ("xla", "cudnn"):
     raise ValueError(f"attention implementation {implementation!r} is not resolved; call "
                      "resolve_attention first.")
   return jax.nn.dot_product_attention(
       q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=1 / math.sqrt(q_BxLxHxK.shape[-1]),
       is_causal=causal, implementation=implementation)
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(length: int, num_heads: int, causal: bool, interpret: bool):
+  # Imported here: only TPU runs (and the CPU tests, in interpret mode) need Pallas' TPU
+  # kernels. Built once per shape, as the mask's block tables are worked out in numpy; made
+  # concrete even when first asked for inside a trace, so the cache holds no tracers.
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  shape = (length, length)
+  mask = splash.CausalMask(shape) if causal else splash.FullMask(shape)
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(splash.MultiHeadMask([mask] * num_heads), head_shards=1,
+                                  q_seq_shards=1, interpret=interpret)
+
+
+def _divisible_spec(spec, shape, mesh):
+  """`spec` with each dimension left whole where its mesh axes do not divide it."""
+  fitted = []
+  for dim, axes in zip(shape, spec):
+    names = axes if isinstance(axes, tuple) else () if axes is None else (axes,)
+    fitted.append(axes if dim % math.prod(mesh.shape[n] for n in names) == 0 else None)
+  return jax.sharding.PartitionSpec(*fitted)
+
+
+def splash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal, interpret=False):
+  """Softmax attention through JAX's Pallas splash kernel for TPUs.
+
+  The kernel takes one example's [H, L, K] and no scale: the batch is vmapped over it and q
+  scaled first. L must be a multiple of `SPLASH_BLOCK`. Under a device mesh it runs in a
+  shard_map over the batch and head axes of the logical rules: XLA cannot partition a Pallas
+  call, and would gather every input whole onto each device instead. `interpret` runs the
+  kernel's body through Pallas' interpreter on any backend (slow: for tests).
+  """
+  length = q_BxLxHxK.shape[1]
+  if length % SPLASH_BLOCK:
+    raise ValueError(f"splash attention needs a length that is a multiple of {SPLASH_BLOCK}; "
+                     f"got {length}.")
+  scale = 1 / math.sqrt(q_BxLxHxK.shape[-1])
+
+  def run(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK):
+    kernel = _splash_kernel(length, q_BxLxHxK.shape[2], causal, interpret)
+    q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = (jnp.swapaxes(x, 1, 2)
+                                       for x in (q_BxLxHxK * scale, k_BxLxHxK, v_BxLxHxK))
+    return jnp.swapaxes(jax.vmap(kernel)(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK), 1, 2)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return run(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+  # Whole sequences and head vectors per device, whatever the rules say of `length`.
+  spec = _divisible_spec(nn.logical_to_mesh_axes(("batch", None, "heads", None)),
+                         q_BxLxHxK.shape, mesh)
+  # check_vma=False: the kernel's outputs declare no varying mesh axes, which the check needs.
+  return jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
+      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
 
 
 def cached_attention(q_BxCxHxK, k_BxCxHxK, v_BxCxHxK, cache_k_BxHxSxK, cache_v_BxHxSxK, start):

@@ -48,7 +48,7 @@ class ModelConfig:
   causal: bool = True  # False: bidirectional (the BERT objective: no mask, no SOS shift).
   dtype: str = "float32"  # compute dtype; params are always float32
   remat: bool = False  # rematerialise each block in the backward pass
-  attention: str = "auto"  # auto | blocked | xla | cudnn (see kernels.resolve_attention)
+  attention: str = "auto"  # auto | blocked | xla | cudnn | splash (kernels.resolve_attention)
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -84,7 +84,7 @@ class ModelConfig:
 
   def attention_implementation(self, backend: str | None = None) -> str:
     """The attention kernel this config runs on `backend` (default: JAX's)."""
-    return kernels.resolve_attention(self.attention, self.dtype, self.head_dim,
+    return kernels.resolve_attention(self.attention, self.dtype, self.head_dim, self.seq_len,
                                      backend or jax.default_backend())
 
 

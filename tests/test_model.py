@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from igpt import config as igpt_config
-from igpt import kernels, model, spec
+from igpt import kernels, model, sharding, spec
+from igpt.errors import UserError
 
 # A small model: 2 layers, width 64, 4 heads, 4x4 images.
 SMALL = model.ModelConfig(num_layers=2, d_model=64, num_heads=4, seq_len=16)
@@ -304,11 +307,10 @@ def test_attention_choices_agree_on_cpu(causal):
 
 
 def test_attention_resolution_and_clear_errors():
-  assert kernels.resolve_attention("auto", "bfloat16", 64, "gpu") == "cudnn"
-  assert kernels.resolve_attention("auto", "float32", 64, "gpu") == "xla"
-  assert kernels.resolve_attention("auto", "bfloat16", 12, "gpu") == "xla"
-  assert kernels.resolve_attention("auto", "bfloat16", 64, "tpu") == "xla"
-  assert kernels.resolve_attention("auto", "float32", 64, "cpu") == "blocked"
+  assert kernels.resolve_attention("auto", "bfloat16", 64, 1024, "gpu") == "cudnn"
+  assert kernels.resolve_attention("auto", "float32", 64, 1024, "gpu") == "xla"
+  assert kernels.resolve_attention("auto", "bfloat16", 12, 1024, "gpu") == "xla"
+  assert kernels.resolve_attention("auto", "float32", 64, 1024, "cpu") == "blocked"
   cfg = model.ModelConfig(num_layers=1, d_model=64, num_heads=4, seq_len=16, attention="cudnn")
   with pytest.raises(ValueError, match="model.attention='cudnn' needs an NVIDIA GPU"):
     cfg.attention_implementation("cpu")
@@ -316,6 +318,61 @@ def test_attention_resolution_and_clear_errors():
     cfg.attention_implementation("gpu")
   with pytest.raises(ValueError, match="model.attention='flash' is unknown"):
     model.ModelConfig(num_layers=1, d_model=64, num_heads=4, seq_len=16, attention="flash")
+
+
+def test_splash_attention_resolution_and_clear_errors():
+  # The paper's 16x16 .. 64x64 images at head sizes 64 .. 192 take the splash kernel on TPU.
+  for seq_len in (256, 1024, 2304, 4096):
+    for head_dim in (64, 96, 128, 192):
+      for dtype in ("float32", "bfloat16"):
+        assert kernels.resolve_attention("auto", dtype, head_dim, seq_len, "tpu") == "splash"
+  # Lengths off its 128 tiles (4x4, 12x12 images) and float16 stay with XLA.
+  for seq_len, dtype in ((16, "float32"), (144, "bfloat16"), (1024, "float16")):
+    assert kernels.resolve_attention("auto", dtype, 64, seq_len, "tpu") == "xla"
+  cfg = model.ModelConfig(num_layers=1, d_model=256, num_heads=4, seq_len=1024,
+                          attention="splash")
+  assert cfg.attention_implementation("tpu") == "splash"
+  for backend in ("cpu", "gpu"):
+    with pytest.raises(UserError, match=f"model.attention='splash' needs a TPU, but JAX runs "
+                                        f"on '{backend}'"):
+      cfg.attention_implementation(backend)
+  for seq_len, dtype in ((16, "float32"), (1024, "float16")):
+    bad = model.ModelConfig(**{**cfg.__dict__, "seq_len": seq_len, "dtype": dtype})
+    with pytest.raises(UserError, match="model.attention='splash' needs a sequence length"):
+      bad.attention_implementation("tpu")
+
+
+@pytest.mark.parametrize("causal, under_mesh", [(True, True), (False, False)])
+def test_splash_attention_matches_xla_in_interpret_mode(causal, under_mesh):
+  # The TPU kernel's own code run by Pallas' interpreter on CPU: length 256 is two 128-row
+  # tiles, so the causal mask skips one key tile and masks inside the diagonal ones. Under a
+  # (one-device) mesh the kernel runs in its shard_map, traced twice in one jit (value and
+  # gradient): the kernel cached by the first trace must hold no tracers of it.
+  keys = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (2 * jax.random.normal(key, (2, 256, 2, 32), jnp.float32) for key in keys)
+  splash = functools.partial(kernels.splash_attention, causal=causal, interpret=True)
+  xla = functools.partial(kernels.attention, causal=causal, implementation="xla")
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+  placed = jax.set_mesh(mesh) if under_mesh else contextlib.nullcontext()
+  with (placed, nn.logical_axis_rules(sharding.DEFAULT_RULES),
+        jax.default_matmul_precision("highest")):
+    got = jax.jit(lambda *args: _value_and_grads(splash, args))(q, k, v)
+    _assert_close(got, _value_and_grads(xla, (q, k, v)), rtol=1e-5)
+
+
+def test_splash_attention_lowers_to_tpu_kernels():
+  # Without a TPU, lowering is as far as the real kernel goes: Pallas turns it into Mosaic
+  # TPU calls (forward, dq, dk/dv) at the paper's lengths and head sizes, ones that are not
+  # multiples of the 128 lanes included. Mosaic's own compiler runs only on a TPU.
+  for seq_len, head_dim, causal in ((256, 64, True), (2304, 96, False), (4096, 192, True)):
+    x = jax.ShapeDtypeStruct((2, seq_len, 2, head_dim), jnp.bfloat16)
+
+    def loss(q, k, v):
+      return jnp.sum(kernels.attention(q, k, v, causal, "splash").astype(jnp.float32))
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(
+        lowering_platforms=("tpu",))
+    assert lowered.as_text().count("tpu_custom_call") == 3
 
 
 def test_decode_through_the_cache_matches_the_full_pass():
