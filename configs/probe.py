@@ -25,6 +25,9 @@ def get_config():
   c.random_init_control = True
   c.random_init_seed = 0
   c.batch_size = 64  # images per forward pass (global, over all devices)
+  # JAX's persistent compilation cache: "" = the user cache folder (~/.cache/igpt/jax),
+  # "off", or a folder.
+  c.compile_cache_dir = ""
 
   # L2 strengths (the l2 of mean CE + l2/2 ||W||^2, on standardised features), chosen by
   # accuracy on the validation carve of the training split.

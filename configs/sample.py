@@ -34,5 +34,8 @@ def get_config():
   # Output file stem. Empty: completion_<split>_step<step>_seed<seed> (completion_val_...),
   # completion_images-<hash>_step<step>_seed<seed> (a hash of the image files completed) or
   # unconditional_step<step>_seed<seed>: completions of other prompts keep their own files.
+  # JAX's persistent compilation cache: "" = the user cache folder (~/.cache/igpt/jax),
+  # "off", or a folder; a repeated call loads the compiled sampler from there.
+  c.compile_cache_dir = ""
   c.name = ""
   return c

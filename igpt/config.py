@@ -93,6 +93,11 @@ def base_config(*, num_layers: int, d_model: int, num_heads: int, image_side: in
   # Training batches only: 4-pixel reflection pad, random crop, horizontal flip (CIFAR), a
   # pure function of (seed, step) like the batch itself.
   c.data.augment = False
+  # Training batches are made ahead on num_workers threads (0 = in the loop), up to
+  # prefetch_batches of them (0 = 2 per worker); the batch of a step is the same either way.
+  _declare("data", "num_workers", "prefetch_batches")
+  c.data.num_workers = 1
+  c.data.prefetch_batches = 0
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
@@ -106,7 +111,7 @@ def base_config(*, num_layers: int, d_model: int, num_heads: int, image_side: in
   _declare("train", "total_steps", "log_every_steps", "eval_every_steps", "eval_batches",
            "checkpoint_every_steps", "keep_checkpoints", "peak_flops_per_device",
            "grad_accum_steps", "profile_start_step", "profile_num_steps",
-           "sample_every_steps", "sample_num_images")
+           "sample_every_steps", "sample_num_images", "compile_cache_dir")
   c.train = ml_collections.ConfigDict(dict(
       batch_size=128,  # global batch, summed over all devices and hosts
       grad_accum_steps=1,
@@ -126,6 +131,9 @@ def base_config(*, num_layers: int, d_model: int, num_heads: int, image_side: in
       # and <workdir>/samples/step_<N>.png; its time is logged and kept out of tokens/s.
       sample_every_steps=0,
       sample_num_images=4,
+      # JAX's persistent compilation cache: "" = the user cache folder (~/.cache/igpt/jax),
+      # "off", or a folder. A restarted run loads its compiled train step from there.
+      compile_cache_dir="",
   ))
 
   # Stops a diverging run before it is checkpointed (see igpt.guards.DivergenceGuard): the

@@ -166,6 +166,10 @@ def resolve(config, num_devices: int | None = None, process_count: int | None = 
   if t.sample_every_steps and not objective.causal:
     raise UserError(f"train.sample_every_steps={t.sample_every_steps}: only autoregressive "
                     f"models sample; objective {objective.name!r} does not. Set it to 0.")
+  for name, zero in (("num_workers", "batches made in the loop"),
+                     ("prefetch_batches", "2 per worker")):
+    if config.data[name] < 0:
+      raise UserError(f"data.{name}={config.data[name]} must be >= 0 (0: {zero}).")
   for name in ("profile_start_step", "profile_num_steps"):
     if t[name] < 0:
       raise UserError(f"train.{name}={t[name]} must be >= 0 (profile_num_steps=0: no trace).")

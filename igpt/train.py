@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -33,9 +32,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from igpt import (distributed, evaluation, guards, metrics, objectives, optim, pipeline,
-                  preemption, readers, run, sharding, spec as spec_lib, train_actions,
-                  train_samples, trained)
+from igpt import (compile_cache, distributed, evaluation, guards, metrics, objectives, optim,
+                  pipeline, prefetch, preemption, readers, run, sharding, spec as spec_lib,
+                  train_actions, train_samples, trained)
 from igpt.errors import UserError
 from igpt.model import ModelConfig
 
@@ -201,6 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   distributed.maybe_initialize(config)  # every process sees the global devices from here
   spec = spec_lib.resolve(config)
+  compile_cache.enable(spec.train.compile_cache_dir)  # before anything compiles
   with run.open_for_training(spec, workdir, lambda: open_data(spec)) as folder:
     return train(spec, folder)
 
@@ -283,35 +283,43 @@ def train(spec: spec_lib.RunSpec, folder: run.TrainingRun) -> dict:
   evaluate = evaluation.Evaluation(trainer, state_shardings["params"], data.eval, eval_rng)
   if start_step >= t.total_steps:  # a finished run: report its eval; no compile, no writes
     return {"step": start_step, **evaluate(state["params"])}
-  batch = data.batch_at(start_step)
-  t0 = time.time()
-  train_step = make_train_step(trainer, state_shardings).lower(state, batch, step_rng).compile()
-  logging.info("Compiled the train step in %.1fs.", time.time() - t0)
-  metrics.log_memory(train_step)
+  with contextlib.ExitStack() as stack:
+    # Batches are made ahead on worker threads; the batch of a step never changes.
+    batches = stack.enter_context(prefetch.Prefetcher(
+        data.batch_at, start_step, t.total_steps, spec.data.num_workers,
+        spec.data.prefetch_batches or None))
+    batch = batches.get(start_step)
+    with compile_cache.watch() as compiled:
+      train_step = make_train_step(trainer, state_shardings).lower(state, batch,
+                                                                   step_rng).compile()
+    logging.info("Compiled the train step in %s.", compile_cache.describe(compiled))
+    metrics.log_memory(train_step)
+    batches.take_wait_stats()  # the first batch waited for the compile, not the loop for it
 
-  report = train_actions.Report(folder, start_step)
-  window = train_actions.MetricsWindow(guard, start_step if extra else None)
-  clock = train_actions.Clock(start_step)
-  best = folder.best() if spec.objective.keep_best_by else None
-  actions = [
-      train_actions.LogProgress(t.log_every_steps, t.total_steps, window, clock, report,
-                                metrics.Throughput.of(spec.model, t.batch_size, mesh.size,
-                                                      t.peak_flops_per_device)),
-      train_actions.Evaluate(t.eval_every_steps, evaluate, report, best,
-                             spec.objective.keep_best_by),
-      train_actions.DrawSamples(t.sample_every_steps, train_samples.TrainingSamples(
-          spec.model, folder.palette, data.val_source, t.sample_num_images, spec.config.seed),
-          folder, report) if t.sample_every_steps else None,
-      train_actions.SaveCheckpoint(t.checkpoint_every_steps, folder, spec.config.seed, guard,
-                                   window),
-  ]
-  actions = [a for a in actions if a is not None]
-  save = next(a for a in actions if isinstance(a, train_actions.SaveCheckpoint))
-  profiler = train_actions.Profiler(t.profile_start_step, t.profile_num_steps,
-                                    folder.profile_dir)
-  # The report's writers are closed however the loop ends (a stop, a divergence, an error),
-  # so nothing it logged is lost with the process.
-  with contextlib.closing(report), jax.set_mesh(mesh), preemption.Notice() as notice:
+    # The report's writers are closed however the loop ends (a stop, a divergence, an error),
+    # so nothing it logged is lost with the process.
+    report = stack.enter_context(contextlib.closing(train_actions.Report(folder, start_step)))
+    window = train_actions.MetricsWindow(guard, start_step if extra else None)
+    clock = train_actions.Clock(start_step)
+    best = folder.best() if spec.objective.keep_best_by else None
+    save = train_actions.SaveCheckpoint(t.checkpoint_every_steps, folder, spec.config.seed,
+                                        guard, window)
+    actions = [
+        train_actions.LogProgress(t.log_every_steps, t.total_steps, window, clock, report,
+                                  metrics.Throughput.of(spec.model, t.batch_size, mesh.size,
+                                                        t.peak_flops_per_device),
+                                  batches, spec.data.num_workers),
+        train_actions.Evaluate(t.eval_every_steps, evaluate, report, best,
+                               spec.objective.keep_best_by),
+        *([train_actions.DrawSamples(t.sample_every_steps, train_samples.TrainingSamples(
+            spec.model, folder.palette, data.val_source, t.sample_num_images,
+            spec.config.seed), folder, report)] if t.sample_every_steps else []),
+        save,
+    ]
+    profiler = train_actions.Profiler(t.profile_start_step, t.profile_num_steps,
+                                      folder.profile_dir)
+    stack.enter_context(jax.set_mesh(mesh))
+    notice = stack.enter_context(preemption.Notice())
     for step in range(start_step, t.total_steps):
       profiler.before(step)
       state, step_metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
@@ -320,7 +328,7 @@ def train(spec: spec_lib.RunSpec, folder: run.TrainingRun) -> dict:
       done = step + 1  # steps completed == the state's step counter
       window.add(done, step_metrics)
       if done < t.total_steps:
-        batch = data.batch_at(done)  # host work overlaps the device step just dispatched
+        batch = batches.get(done)  # made ahead while the device ran the steps before
       train_actions.run_due(actions, window, clock, report, done, t.total_steps, state)
       if done < t.total_steps and notice.stop_at(done):  # the same step on every process
         train_actions.stop_for_preemption(save, window, folder, done, state)

@@ -20,7 +20,7 @@ import jax
 from absl import logging
 from PIL import Image
 
-from igpt import errors, fileio, losses, metrics
+from igpt import errors, fileio, losses, metrics, prefetch
 
 
 class Report:
@@ -104,9 +104,11 @@ class LogProgress(Action):
   """The progress line, metrics.jsonl and TensorBoard's train/ scalars."""
 
   def __init__(self, every_steps: int, total_steps: int, window: MetricsWindow, clock: Clock,
-               report: Report, throughput: metrics.Throughput):
+               report: Report, throughput: metrics.Throughput, batches=None,
+               num_workers: int = 0):
     self.every_steps, self.total_steps = every_steps, total_steps
     self.window, self.clock, self.report, self.throughput = window, clock, report, throughput
+    self.batches, self.num_workers = batches, num_workers  # a prefetch.Prefetcher
 
   def __call__(self, step, state):
     # loss: mean over the steps since the last log line; norms and lr: this step's.
@@ -116,6 +118,13 @@ class LogProgress(Action):
     steps_per_s = self.clock.steps_per_s(step)
     if steps_per_s:
       record.update(self.throughput(steps_per_s, self.total_steps - step))
+    if self.batches is not None:  # how much of the window the loop waited for input
+      waits = self.batches.take_wait_stats()
+      record["input_wait_fraction"] = waits.fraction
+      warning = prefetch.input_bound_warning(
+          waits, f"raise data.num_workers (now {self.num_workers})")
+      if warning:
+        logging.warning("%s", warning)
     logging.info("%s", metrics.progress_line(step, self.total_steps, record))
     self.report.write(step, record, prefix="train/")
     self.report.final.update({k: v for k, v in record.items() if k != "loss"},

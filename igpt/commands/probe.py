@@ -16,8 +16,9 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
-from igpt import features, fileio, linear_probe, readers, run, sharding, trained
+from igpt import compile_cache, features, fileio, linear_probe, readers, run, sharding, trained
 from igpt.errors import UserError
 from igpt.linear_probe import Split
 
@@ -181,7 +182,11 @@ def main(config, source: trained.ModelSource, out_dir: str | None) -> dict:
     if source.hf:
       raise UserError("--hf needs --out: where the results and features go.")
     out_dir = run.path(source.workdir, run.PROBE_DIR)
-  return run_probes(config, source.load(), out_dir)
+  compile_cache.enable(config.compile_cache_dir)
+  with compile_cache.watch() as compiled:
+    results = run_probes(config, source.load(), out_dir)
+  logging.info("%s", compile_cache.summary(compiled))
+  return results
 
 
 def run_probes(config, pm: trained.TrainedModel, out_dir: str, log=print) -> dict:

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from igpt import fileio, palette, pipeline, readers, run, sampling, trained
+from igpt import compile_cache, fileio, palette, pipeline, readers, run, sampling, trained
 from igpt.errors import MissingFileError, UserError
 from igpt.pictures import TARGET_CELL_PX, completion_rows, grid
 
@@ -200,6 +200,14 @@ def write_outputs(out_dir: str, name: str, picture: np.ndarray, tokens: np.ndarr
 def main(config, source: trained.ModelSource, out_dir: str | None) -> str:
   """Samples the model of `source` as `config` says; returns the PNG's path."""
   check_config(config)
+  compile_cache.enable(config.compile_cache_dir)
+  with compile_cache.watch() as compiled:
+    png = _sample(config, source, out_dir)
+  logging.info("%s", compile_cache.summary(compiled))
+  return png
+
+
+def _sample(config, source: trained.ModelSource, out_dir: str | None) -> str:
   settings = settings_from(config)
   m = load_model(source)
   settings.check(m.model_cfg.vocab_size)
