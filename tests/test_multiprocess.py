@@ -17,16 +17,23 @@ OVERRIDES = {"train.total_steps": 6, "train.checkpoint_every_steps": 3,
              "train.log_every_steps": 3, "train.eval_every_steps": 6}
 
 
-def _run_two_processes(workdir, log_dir):
-  """`train.py` as processes 0 and 1 of a localhost jax.distributed job, one CPU device each."""
+def _start_two(workdir, log_dir, name, overrides):
+  """`train.py` as processes 0 and 1 of a localhost jax.distributed job, one CPU device each:
+  (the two processes, their stderr logs)."""
   port = th.free_port()
-  logs = [open(os.path.join(log_dir, f"process_{i}.log"), "w+") for i in range(2)]
+  logs = [open(os.path.join(log_dir, f"{name}_{i}.log"), "w+") for i in range(2)]
   workers = [
-      subprocess.Popen(th.cli_args(workdir, distributed=True, **OVERRIDES), cwd=th.REPO,
+      subprocess.Popen(th.cli_args(workdir, distributed=True, **overrides), cwd=th.REPO,
                        env=th.env(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                                   JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i),
                        stdout=subprocess.DEVNULL, stderr=logs[i])
       for i in range(2)]
+  return workers, logs
+
+
+def _run_two_processes(workdir, log_dir):
+  """Both processes to the end; fails on the first traceback or non-zero exit."""
+  workers, logs = _start_two(workdir, log_dir, "process", OVERRIDES)
   try:
     deadline = time.time() + 240
     # A process that raises leaves its peer (and its own shutdown) waiting on the other:
@@ -80,18 +87,6 @@ PREEMPT_OVERRIDES = {"train.total_steps": 120, "train.checkpoint_every_steps": 1
                      "train.log_every_steps": 2, "train.eval_every_steps": 1000}
 
 
-def _start_two(workdir, log_dir, name):
-  port = th.free_port()
-  logs = [open(os.path.join(log_dir, f"{name}_{i}.log"), "w+") for i in range(2)]
-  workers = [
-      subprocess.Popen(th.cli_args(workdir, distributed=True, **PREEMPT_OVERRIDES), cwd=th.REPO,
-                       env=th.env(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                                  JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i),
-                       stdout=subprocess.DEVNULL, stderr=logs[i])
-      for i in range(2)]
-  return workers, logs
-
-
 def _finish(workers, logs, timeout=240):
   texts = []
   try:
@@ -110,7 +105,7 @@ def _finish(workers, logs, timeout=240):
 @pytest.mark.parametrize("targets", [(1,), (0, 1)], ids=["one process", "both processes"])
 def test_sigterm_stops_every_process_at_one_saved_step(tmp_path, targets):
   workdir = str(tmp_path / "run")
-  workers, logs = _start_two(workdir, str(tmp_path), "preempted")
+  workers, logs = _start_two(workdir, str(tmp_path), "preempted", PREEMPT_OVERRIDES)
   deadline = time.time() + 240
   while "step 4/" not in open(logs[0].name).read() and time.time() < deadline:
     if any(w.poll() is not None for w in workers):
@@ -130,7 +125,7 @@ def test_sigterm_stops_every_process_at_one_saved_step(tmp_path, targets):
   assert step == saved and extra["data"]["next_step"] == saved
 
   if targets == (1,):  # the same command resumes it, to the end
-    workers, logs = _start_two(workdir, str(tmp_path), "resumed")
+    workers, logs = _start_two(workdir, str(tmp_path), "resumed", PREEMPT_OVERRIDES)
     codes, texts = _finish(workers, logs)
     assert codes == [0, 0], [t[-3000:] for t in texts]
     assert f"Resumed from checkpoint step {saved}" in texts[0]

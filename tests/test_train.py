@@ -368,8 +368,10 @@ def test_sigterm_saves_the_step_it_stops_at_and_resume_is_bit_exact(straight_run
   saved = int(last.split()[3])
   assert 6 <= saved < steps and _latest_checkpoint(stopped) == saved, (saved, lines[-5:])
   assert not [n for n in os.listdir(os.path.join(stopped, "checkpoints")) if "tmp" in n]
-  th.run(th.cli_args(stopped, **RESUME_OVERRIDES))
+  resumed = th.run(th.cli_args(stopped, **RESUME_OVERRIDES))
   _assert_same_final_state(straight_run, stopped)
+  # The same model, mesh and schedule as the runs before it: its step comes from the cache.
+  assert "(compilation cache hit" in resumed.stderr, resumed.stderr[-3000:]
 
 
 def _assert_tensorboard_matches_metrics(workdir):
