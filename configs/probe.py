@@ -3,7 +3,7 @@
   python probe.py --workdir runs/igpt_s                       # CIFAR-10 (tfds), every layer
   python probe.py --workdir runs/tiny --config.data.source=digits --config.data.val_examples=200
 
-The model (and its palette) comes from the command line (--workdir or --hf_checkpoint); this
+The model (and its palette) comes from the command line (--workdir, or --hf and --palette); this
 config says what to probe it on.
 """
 
