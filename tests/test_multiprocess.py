@@ -31,9 +31,9 @@ def _start_two(workdir, log_dir, name, overrides):
   return workers, logs
 
 
-def _run_two_processes(workdir, log_dir):
+def _run_two_processes(workdir, log_dir, overrides=None):
   """Both processes to the end; fails on the first traceback or non-zero exit."""
-  workers, logs = _start_two(workdir, log_dir, "process", OVERRIDES)
+  workers, logs = _start_two(workdir, log_dir, "process", overrides or OVERRIDES)
   try:
     deadline = time.time() + 240
     # A process that raises leaves its peer (and its own shutdown) waiting on the other:
@@ -102,8 +102,16 @@ def _finish(workers, logs, timeout=240):
   return [w.returncode for w in workers], texts
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The two-process run of PREEMPT_OVERRIDES, never stopped: what a resumed one must equal."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  _run_two_processes(str(workdir / "run"), str(workdir), PREEMPT_OVERRIDES)
+  return str(workdir / "run")
+
+
 @pytest.mark.parametrize("targets", [(1,), (0, 1)], ids=["one process", "both processes"])
-def test_sigterm_stops_every_process_at_one_saved_step(tmp_path, targets):
+def test_sigterm_stops_every_process_at_one_saved_step(tmp_path, targets, uninterrupted):
   workdir = str(tmp_path / "run")
   workers, logs = _start_two(workdir, str(tmp_path), "preempted", PREEMPT_OVERRIDES)
   deadline = time.time() + 240
@@ -131,3 +139,12 @@ def test_sigterm_stops_every_process_at_one_saved_step(tmp_path, targets):
     assert f"Resumed from checkpoint step {saved}" in texts[0]
     steps = [r["step"] for r in th.read_metrics(workdir) if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == PREEMPT_OVERRIDES["train.total_steps"]
+    # The same params, optimiser state and losses as the run that was never stopped.
+    _, resumed, _ = th.restore_latest(config, workdir)
+    _, straight, _ = th.restore_latest(config, uninterrupted)
+    for a, b in zip(jax.tree.leaves(jax.device_get(resumed)),
+                    jax.tree.leaves(jax.device_get(straight))):
+      np.testing.assert_array_equal(a, b)
+    losses = [(r["step"], r["loss"]) for r in th.read_metrics(workdir) if "loss" in r]
+    assert losses == [(r["step"], r["loss"]) for r in th.read_metrics(uninterrupted)
+                      if "loss" in r]
