@@ -43,12 +43,13 @@ class Objective:
   evaluators: tuple[str, ...] = ("loss",)
   keep_best_by: str = ""
   has_head: bool = False  # adds a classifier head (igpt.class_head) to the model's params
-  mask_prob: float = 0.0  # bert: the share of positions masked
+  masks: bool = False  # hides positions from the model at the run's bert_mask_prob
+  mask_prob: float = 0.0  # with `masks`: the share of positions masked
   num_classes: int = 0  # classify: the head's classes
 
   def configure(self, config) -> "Objective":
     """This objective with the run config's settings, checked."""
-    if self.name == "bert":
+    if self.masks:
       if not 0.0 < config.bert_mask_prob < 1.0:
         raise UserError(f"bert_mask_prob={config.bert_mask_prob} must be in (0, 1).")
       return dataclasses.replace(self, mask_prob=float(config.bert_mask_prob))
@@ -114,7 +115,8 @@ OBJECTIVES = {
     "ar": Objective("ar", causal=True, batch_keys=("tokens",), prepare=_unchanged,
                     loss=_ar_loss, description="next pixel (autoregressive)"),
     "bert": Objective("bert", causal=False, batch_keys=("tokens",), prepare=_bert_prepare,
-                      loss=_bert_loss, description="masked pixels (p = bert_mask_prob)"),
+                      loss=_bert_loss, description="masked pixels (p = bert_mask_prob)",
+                      masks=True),
     "classify": Objective("classify", causal=True, batch_keys=("tokens", "label"),
                           prepare=_unchanged, loss=_classify_loss,
                           description="fine-tuning: linear head on mean-pooled ln_f + next pixel",

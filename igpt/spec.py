@@ -12,7 +12,6 @@ stored run config (a run folder's config.json) the same way, for readers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -46,7 +45,7 @@ class RunSpec:
 
   def to_json(self) -> dict:
     """The config as stored in config.json and every checkpoint (the run's identity)."""
-    return json.loads(self.config.to_json_best_effort())
+    return run.config_to_json(self.config)
 
 
 def complete(config) -> ml_collections.ConfigDict:

@@ -4,7 +4,6 @@ step, no thread left behind, and the time the loop waited for input."""
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import time
 import traceback
