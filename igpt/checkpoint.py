@@ -15,12 +15,11 @@ saved again. Every process of a multi-host job calls every method; Orbax picks t
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
 
-from igpt import trees
+from igpt import storage, trees
 from igpt.errors import UserError
 
 
@@ -60,7 +59,8 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, keep: int):
-    self.directory = os.path.abspath(directory)  # errors then name a path that works anywhere
+    # An absolute local path makes errors name a path that works anywhere; URLs stay as given.
+    self.directory = storage.absolute(directory)
     self._name_format = ocp.step.standard_name_format()
     # Async saving (Orbax's default): `save` returns once the arrays are copied to host memory.
     # Naming the handlers lets a fresh process read item metadata before any save.
@@ -135,16 +135,17 @@ class Checkpointer:
 
   def has_train_state(self, step: int) -> bool:
     """Whether `step` holds optimiser state (an imported, params-only run does not)."""
-    return os.path.isdir(os.path.join(self.directory, str(step), REST_ITEM))
+    return storage.isdir(storage.join(self.directory, str(step), REST_ITEM))
 
   def _check_tree(self, step: int, abstract_state) -> None:
     """Raises a ValueError naming every leaf where the checkpoint and target disagree."""
     metadata = self._manager.item_metadata(step)
     saved = {}
     for name, tree in _split(abstract_state).items():
-      item_dir = os.path.join(self.directory, str(step), name)
-      on_disk = metadata[name] if os.path.isdir(item_dir) else None
-      if on_disk is None and os.path.isdir(item_dir):
+      item_dir = storage.join(self.directory, str(step), name)
+      present = storage.isdir(item_dir)
+      on_disk = metadata[name] if present else None
+      if on_disk is None and present:
         raise ValueError(f"{item_dir} is there but its metadata does not read")
       if on_disk is not None:
         named = {PARAMS_ITEM: on_disk} if name == PARAMS_ITEM else on_disk

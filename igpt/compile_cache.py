@@ -31,6 +31,7 @@ from typing import Iterator
 import jax
 from absl import logging
 
+from igpt import storage
 from igpt.errors import UserError
 
 OFF = "off"
@@ -44,8 +45,7 @@ _SAVED = _EVENT + "compile_time_saved_sec"
 def default_dir() -> str:
   """The user cache folder for compiled programs: $XDG_CACHE_HOME/igpt/jax or
   ~/.cache/igpt/jax."""
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "igpt", "jax")
+  return storage.user_cache_dir("jax")
 
 
 def _apply(enabled: bool, folder: str | None) -> None:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
-import os
 import re
 import zipfile
 from typing import Sequence
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from igpt import fileio, model, pipeline, sharding, trained
+from igpt import fileio, model, pipeline, sharding, storage, trained
 from igpt.errors import UserError
 from igpt.model import ModelConfig
 
@@ -157,12 +157,12 @@ class FeatureExtractor:
                       "pooling": self.pooling}, sort_keys=True, default=str)
     digest = hashlib.sha1(key.encode()).hexdigest()
     name = f"{data_key.get('split', 'data')}-l{layer}-{digest[:20]}.npz"
-    return os.path.join(self.cache_dir, name), digest
+    return storage.join(self.cache_dir, name), digest
 
   def _read_cache(self, path: str, digest: str, rows: int):
     """(features [rows, D], labels [rows]) from a cache file; None if it is absent, or (with a
     warning) when it cannot be trusted."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
       return None
     try:
       arrays = _load_npz(path)
@@ -213,7 +213,6 @@ class FeatureExtractor:
     return out, labels
 
   def _save(self, path: str, digest: str, feats_NxD: np.ndarray, labels_N: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     with fileio.atomic_open(path, "wb") as f:  # a killed run leaves no half-written cache
       np.savez(f, features=feats_NxD, labels=labels_N, key=np.array(digest))
 
@@ -221,11 +220,11 @@ class FeatureExtractor:
 def _load_npz(path: str) -> dict[str, np.ndarray]:
   """Every array of an `.npz` file, read in full (so that zip's CRC check runs on each)."""
   # np.load would take other bytes for a pickle or a bare .npy, and say so misleadingly.
-  with open(path, "rb") as f:
-    magic = f.read(4)
+  data = storage.read_bytes(path)
+  magic = data[:4]
   if magic != b"PK\x03\x04":
     raise ValueError("the file is empty" if not magic else "not an .npz (zip) archive")
-  with np.load(path, allow_pickle=False) as loaded:
+  with np.load(io.BytesIO(data), allow_pickle=False) as loaded:
     return {name: loaded[name] for name in loaded.files}
 
 

@@ -2,6 +2,8 @@
 
 `atomic_open(path)` writes one file; `atomic_files(paths)` writes several that belong together
 (a picture and its tokens): either all of them are published or none is touched.
+A path may be an object-store URL (`igpt.storage`): the file is written locally, then sent as
+one object, which the store publishes whole.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import contextlib
 import os
 import shutil
 import tempfile
+
+from igpt import storage
 
 
 @contextlib.contextmanager
@@ -33,9 +37,16 @@ def atomic_files(paths):
   the files already renamed get their old contents back (kept as hard links until the end).
   Any failure removes every temp, so the old files stay as they were. Only a kill between two
   of the renames (system calls a few microseconds apart) can leave some files new and the
-  others old.
+  others old. URLs are written in a local temp folder and sent one object each, in order, once
+  the block completes; an object store cannot publish two objects at once, so a kill between
+  the uploads can leave the first new and the others old.
   """
-  paths = [os.path.abspath(os.fspath(p)) for p in paths]
+  paths = [os.fspath(p) for p in paths]
+  if any(storage.is_remote(p) for p in paths):
+    with _remote_files(paths) as temps:
+      yield temps
+    return
+  paths = [os.path.abspath(p) for p in paths]
   temps, backups = [], {}
   try:
     for path in paths:
@@ -77,6 +88,16 @@ def atomic_files(paths):
     for leftover in temps + [b for b in backups.values() if b]:
       if os.path.lexists(leftover):
         os.remove(leftover)
+
+
+@contextlib.contextmanager
+def _remote_files(urls):
+  with tempfile.TemporaryDirectory(prefix="igpt-upload-") as folder:
+    temps = [os.path.join(folder, f"{i}-{storage.basename(u)}")
+             for i, u in enumerate(urls)]
+    yield temps
+    for url, tmp in zip(urls, temps):
+      storage.upload(tmp, url)
 
 
 def _backup(path: str) -> str:

@@ -11,7 +11,7 @@ import time
 import jax
 from absl import logging
 
-from igpt import fileio
+from igpt import fileio, storage
 from igpt.errors import UserError
 from igpt.model import ModelConfig
 
@@ -104,11 +104,26 @@ def log_memory(compiled) -> None:
 
 
 class MetricsWriter:
-  """Appends one JSON object per line to a metrics.jsonl file (process 0 only)."""
+  """Appends one JSON object per line to a metrics.jsonl file (process 0 only).
 
-  def __init__(self, path: str, enabled: bool = True):
+  An object store has no append: there the records are kept in memory and the whole object is
+  rewritten at `flush` (at most every `flush_every_s`, and whenever the run saves a checkpoint
+  or closes), so every record up to the last checkpoint is in the bucket.
+  """
+
+  def __init__(self, path: str, enabled: bool = True, flush_every_s: float = 30.0):
     self.path = path
     self.enabled = enabled
+    self.remote = storage.is_remote(path)
+    self.flush_every_s = flush_every_s
+    self._lines: list[str] | None = None  # remote: every record of the object
+    self._dirty, self._flushed_at = False, time.time()
+
+  def _remote_lines(self) -> list[str]:
+    if self._lines is None:
+      self._lines = ([ln + "\n" for ln in storage.read_text(self.path).splitlines()]
+                     if storage.isfile(self.path) else [])
+    return self._lines
 
   def truncate_after(self, step: int) -> None:
     """Drops records newer than `step`: a resumed run rewrites them, so none are duplicated.
@@ -116,10 +131,15 @@ class MetricsWriter:
     A cut-off last line (a process killed mid-write, a full disk) is dropped with a warning;
     an unreadable line elsewhere is an error naming the file and line.
     """
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled:
       return
-    with open(self.path) as f:
-      lines = [ln if ln.endswith("\n") else ln + "\n" for ln in f if ln.strip()]
+    if self.remote:
+      lines = [ln for ln in self._remote_lines() if ln.strip()]
+    elif os.path.exists(self.path):
+      with open(self.path) as f:
+        lines = [ln if ln.endswith("\n") else ln + "\n" for ln in f if ln.strip()]
+    else:
+      return
     kept = []
     for i, line in enumerate(lines):
       try:
@@ -132,7 +152,10 @@ class MetricsWriter:
                         "that line.") from e
       if record.get("step", 0) <= step:
         kept.append(line)
-    if kept != lines:
+    if self.remote:
+      self._lines, self._dirty = kept, kept != lines
+      self.flush(force=True)
+    elif kept != lines:
       with fileio.atomic_open(self.path) as f:
         f.writelines(kept)
 
@@ -141,8 +164,24 @@ class MetricsWriter:
       return
     record = {"step": int(step), "time": time.time()}
     record.update({k: _jsonable(v) for k, v in values.items()})
+    if self.remote:
+      self._remote_lines().append(json.dumps(record) + "\n")
+      self._dirty = True
+      self.flush()
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+
+  def flush(self, force: bool = False) -> None:
+    """Remote: rewrites the object if records were added (`force`: however recently)."""
+    if not (self.enabled and self.remote and self._dirty):
+      return
+    if force or time.time() - self._flushed_at >= self.flush_every_s:
+      storage.write_bytes(self.path, "".join(self._lines).encode())
+      self._dirty, self._flushed_at = False, time.time()
+
+  def close(self) -> None:
+    self.flush(force=True)
 
 
 def _jsonable(v):

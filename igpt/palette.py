@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from igpt import fileio
+from igpt import fileio, storage
 from igpt.errors import MissingFileError, UserError
 
 MAX_PALETTE_SIZE = 32767  # tokens live in an int16 lookup table
@@ -349,13 +349,16 @@ def save_palette(path, centers) -> None:
 def load_palette(path) -> np.ndarray:
   """Reads a palette `.npy` (k, 3) float in [-1, 1] (e.g. OpenAI's kmeans_centers.npy)."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise MissingFileError(
         f"Palette file {path!r} does not exist. Fit one with igpt.palette.fit_palette and "
         f"save_palette (training does this when data.palette_path is empty), or point "
         f"data.palette_path at an existing kmeans_centers.npy.")
   try:
-    centers = np.load(path, allow_pickle=False)
+    with storage.open_read(path) as f:
+      centers = np.load(f, allow_pickle=False)
+  except storage.StorageError:
+    raise
   except Exception as e:  # np.load raises several types for a non-npy or truncated file
     raise UserError(f"Palette file {path!r} is not a readable .npy array: {e}") from e
   try:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 
 import jax
@@ -30,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from igpt import distributed, fileio, metrics, palette, pipeline, summaries
+from igpt import distributed, fileio, metrics, palette, pipeline, storage, summaries
 from igpt import workdir as workdirs
 from igpt.checkpoint import Checkpointer
 from igpt.errors import MissingFileError, UserError
@@ -50,7 +49,7 @@ LOCK_FILE = ".lock"
 
 def path(workdir: str, name: str) -> str:
   """`workdir/name` for one of the layout's names above."""
-  return os.path.join(workdir, name)
+  return storage.join(workdir, name)
 
 
 def config_to_json(config) -> dict:
@@ -62,10 +61,9 @@ def write_config(workdir: str, config_json: dict) -> None:
   """Writes workdir/config.json atomically (not at all if it already says the same)."""
   config_path = path(workdir, CONFIG_FILE)
   try:
-    with open(config_path) as f:
-      if json.load(f) == config_json:
-        return  # a rerun of a finished run, possibly from a read-only folder, writes nothing
-  except (OSError, ValueError):
+    if json.loads(storage.read_text(config_path)) == config_json:
+      return  # a rerun of a finished run, possibly from a read-only folder, writes nothing
+  except (OSError, ValueError, UserError):
     pass
   with fileio.atomic_open(config_path) as f:
     json.dump(config_json, f, indent=2, sort_keys=True)
@@ -74,12 +72,11 @@ def write_config(workdir: str, config_json: dict) -> None:
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The run config stored in workdir/config.json."""
   config_path = path(workdir, CONFIG_FILE)
-  if not os.path.isfile(config_path):
+  if not storage.isfile(config_path):
     raise MissingFileError(f"{config_path} does not exist: {workdir!r} is not a run folder "
                            "(train.py or igpt.import_openai makes one).")
   try:
-    with open(config_path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(storage.read_text(config_path)))
   except json.JSONDecodeError as e:
     raise UserError(f"{config_path} is not valid JSON ({e}).") from e
 
@@ -87,7 +84,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 def read_palette(workdir: str) -> np.ndarray:
   """The run's palette (float32 [k, 3])."""
   palette_path = path(workdir, PALETTE_FILE)
-  if not os.path.isfile(palette_path):
+  if not storage.isfile(palette_path):
     raise MissingFileError(f"{palette_path} does not exist: the run in {workdir!r} has no "
                            "palette (was it started and killed before its first checkpoint?).")
   return np.asarray(palette.load_palette(palette_path), np.float32)
@@ -101,9 +98,9 @@ def checkpointer(workdir: str, keep: int = 1) -> Checkpointer:
 def checkpoint_steps(workdir: str) -> list[int]:
   """The steps of the run's checkpoint folders, by name only (no Orbax manager opened)."""
   ckpt_dir = path(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(ckpt_dir):
+  if not storage.isdir(ckpt_dir):
     return []
-  return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  return sorted(int(n) for n in storage.listdir(ckpt_dir) if n.isdigit())
 
 
 def check_stored_config(workdir: str, config_json: dict, total_steps: int) -> None:
@@ -116,7 +113,7 @@ def check_stored_config(workdir: str, config_json: dict, total_steps: int) -> No
   logged. Reads only; raises workdir.WorkdirError listing the fields that differ.
   """
   stored, source = None, None
-  if os.path.isdir(path(workdir, CHECKPOINT_DIR)):
+  if storage.isdir(path(workdir, CHECKPOINT_DIR)):
     with checkpointer(workdir) as ckpt:
       for step in reversed(ckpt.all_steps()):
         try:
@@ -131,10 +128,9 @@ def check_stored_config(workdir: str, config_json: dict, total_steps: int) -> No
               f"{total_steps}-step run, or train.total_steps >= {step} to go on.")
         break
   config_path = path(workdir, CONFIG_FILE)
-  if os.path.isfile(config_path):
+  if storage.isfile(config_path):
     try:
-      with open(config_path) as f:
-        on_file = json.load(f)
+      on_file = json.loads(storage.read_text(config_path))
     except json.JSONDecodeError as e:
       raise UserError(f"{config_path} is not valid JSON ({e}); restore it from a checkpoint's "
                       "config or start a new --workdir.") from e
@@ -161,7 +157,7 @@ def choose_palette(spec, train_source, workdir: str) -> tuple[np.ndarray, str]:
   palette_path = path(workdir, PALETTE_FILE)
   data = spec.data
   given, vocab_size = data.palette_path, spec.model.vocab_size
-  if os.path.exists(palette_path):
+  if storage.exists(palette_path):
     centers = palette.load_palette(palette_path)
     if given and not np.array_equal(palette.load_palette(given), centers):
       raise workdirs.WorkdirError(
@@ -200,7 +196,7 @@ def prepare_palette(spec, train_source, workdir: str) -> np.ndarray:
 def _store_palette(workdir: str, centers: np.ndarray, how: str) -> None:
   if how == "stored":
     return
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   palette.save_palette(path(workdir, PALETTE_FILE), centers)  # atomic: never half a file
   logging.info("Palette: %s %d colours, saved to %s.", how, len(centers),
                path(workdir, PALETTE_FILE))
@@ -219,6 +215,7 @@ class TrainingRun:
     self.config_json = spec.to_json()
     self.metrics = metrics.MetricsWriter(path(workdir, METRICS_FILE), enabled=self.is_writer)
     self.profile_dir = path(workdir, PROFILE_DIR)
+    self._tensorboard = None
 
   def restore(self, abstract_state) -> tuple[int, dict | None, dict]:
     """(start step, state, extra) of the newest checkpoint that reads whole, or (0, None, {}).
@@ -233,7 +230,7 @@ class TrainingRun:
                                                   logging.info)
     if saved is None:
       folder = self.ckpt.directory
-      damaged = sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+      damaged = sorted(n for n in (storage.listdir(folder) if storage.isdir(folder) else [])
                        if ".damaged" in n)
       if damaged:  # starting over silently would throw the run away
         raise workdirs.WorkdirError(
@@ -257,15 +254,20 @@ class TrainingRun:
 
   def tensorboard(self, start_step: int) -> summaries.SummaryWriter:
     """The TensorBoard writer, dropping what a killed run wrote past `start_step`."""
-    return summaries.SummaryWriter(path(self.workdir, TENSORBOARD_DIR), enabled=self.is_writer,
-                                   purge_step=start_step + 1)
+    self._tensorboard = summaries.SummaryWriter(path(self.workdir, TENSORBOARD_DIR),
+                                                enabled=self.is_writer, purge_step=start_step + 1)
+    return self._tensorboard
 
   def sample_path(self, step: int) -> str:
-    return os.path.join(path(self.workdir, SAMPLES_DIR), f"step_{step:07d}.png")
+    return storage.join(path(self.workdir, SAMPLES_DIR), f"step_{step:07d}.png")
 
   def save(self, step: int, state, extra: dict) -> None:
-    """Starts saving checkpoint `step` (it finishes in the background)."""
+    """Starts saving checkpoint `step` (it finishes in the background), with every record
+    logged so far (an object store gets them now, not at the next periodic upload)."""
     self.check_saves()
+    self.metrics.flush(force=True)
+    if self._tensorboard is not None:
+      self._tensorboard.sync(force=True)
     try:
       self.ckpt.save(step, state, extra)
     except Exception as e:
@@ -303,7 +305,7 @@ def open_for_training(spec, workdir: str, open_data):
   """
   is_writer = jax.process_index() == 0
   chosen = None
-  if not os.path.exists(workdir):
+  if not storage.exists(workdir):
     # A new run: its data and palette are read before the folder exists, so a missing or
     # unreadable dataset (or palette) leaves nothing behind.
     data = open_data()
@@ -342,14 +344,13 @@ class BestParams:
   def __init__(self, directory: str):
     self.directory = directory
     record = {}  # survives a resume
-    record_path = os.path.join(directory, BEST_FILE)
-    if os.path.isfile(record_path):
-      with open(record_path) as f:
-        record = json.load(f)
+    record_path = storage.join(directory, BEST_FILE)
+    if storage.isfile(record_path):
+      record = json.loads(storage.read_text(record_path))
     self.best, self.step = record.get("eval_accuracy", -1.0), record.get("step")
 
   def _checkpointer(self) -> Checkpointer:
-    return Checkpointer(os.path.join(self.directory, CHECKPOINT_DIR), keep=1)
+    return Checkpointer(storage.join(self.directory, CHECKPOINT_DIR), keep=1)
 
   def update(self, step: int, accuracy: float, params) -> bool:
     """Saves `params` if `accuracy` beats the best so far; returns whether it did."""
@@ -359,7 +360,7 @@ class BestParams:
     with self._checkpointer() as ckpt:
       ckpt.save(step, {"params": params}, {"eval_accuracy": accuracy}, force=True)
     if jax.process_index() == 0:
-      with fileio.atomic_open(os.path.join(self.directory, BEST_FILE)) as f:
+      with fileio.atomic_open(storage.join(self.directory, BEST_FILE)) as f:
         json.dump({"step": step, "eval_accuracy": accuracy}, f)
     return True
 

@@ -12,13 +12,12 @@ stored run config (a run folder's config.json) the same way, for readers.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import ml_collections
 
 from igpt import config as config_lib
-from igpt import objectives, palette, run, sharding
+from igpt import objectives, palette, run, sharding, storage
 from igpt.errors import MissingFileError, UserError
 from igpt.model import ModelConfig
 
@@ -87,7 +86,7 @@ def _take_init_from(config) -> None:
   for key in ("num_layers", "d_model", "num_heads", "image_side", "vocab_size"):
     config.model[key] = pretrained.model[key]
   palette_path = run.path(source, run.PALETTE_FILE)
-  if not os.path.isfile(palette_path):
+  if not storage.isfile(palette_path):
     raise MissingFileError(f"{palette_path} does not exist: init_from={source!r} has no "
                            "palette.")
   config.data.palette_path = palette_path
@@ -177,7 +176,7 @@ def resolve(config, num_devices: int | None = None, process_count: int | None = 
         f"model.vocab_size={model_cfg.vocab_size} is smaller than data.palette_size="
         f"{config.data.palette_size}: every palette colour needs a token.")
   if config.data.palette_path:
-    if not os.path.exists(config.data.palette_path):
+    if not storage.exists(config.data.palette_path):
       raise UserError(f"data.palette_path={config.data.palette_path!r} does not exist; "
                       "give an existing .npy palette or '' to fit one from the training data.")
     given = palette.load_palette(config.data.palette_path)  # a [k, 3] array in [-1, 1]

@@ -14,13 +14,15 @@ saved. Time spent in actions is kept out of the measured throughput.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 
 import jax
 from absl import logging
 from PIL import Image
 
-from igpt import errors, fileio, losses, metrics, prefetch
+from igpt import errors, fileio, losses, metrics, prefetch, storage
 
 
 class Report:
@@ -37,7 +39,10 @@ class Report:
     self.tensorboard.flush()
 
   def close(self) -> None:
-    self.tensorboard.close()
+    try:
+      self.tensorboard.close()
+    finally:
+      self.metrics.close()
 
 
 class MetricsWindow:
@@ -198,7 +203,8 @@ def stop_for_preemption(save: SaveCheckpoint, window: MetricsWindow, folder, ste
 
 
 class Profiler:
-  """A jax.profiler trace of steps [start, start + num) into `directory` (num 0: none)."""
+  """A jax.profiler trace of steps [start, start + num) into `directory` (num 0: none); a
+  bucket's trace is written locally, then uploaded."""
 
   def __init__(self, start_step: int, num_steps: int, directory: str):
     self.steps = range(start_step, start_step + num_steps)
@@ -206,7 +212,9 @@ class Profiler:
 
   def before(self, step: int) -> None:
     if step in self.steps and not self.active:
-      jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+      self.local = (tempfile.mkdtemp(prefix="igpt-profile-") if storage.is_remote(self.directory)
+                    else self.directory)
+      jax.profiler.start_trace(self.local, create_perfetto_trace=True)
       self.active, self.first = True, step
 
   def after(self, step: int, state) -> None:
@@ -214,4 +222,7 @@ class Profiler:
       jax.block_until_ready(state)  # the trace must hold the whole last step
       jax.profiler.stop_trace()
       self.active = False
+      if self.local != self.directory:
+        storage.upload_tree(self.local, self.directory)
+        shutil.rmtree(self.local, ignore_errors=True)
       logging.info("Profiled steps %d-%d into %s.", self.first, step, self.directory)

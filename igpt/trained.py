@@ -13,14 +13,13 @@ reads like any trained one.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from igpt import class_head, model, palette as palette_lib, run, sharding, spec as spec_lib
+from igpt import class_head, model, palette as palette_lib, run, sharding, spec as spec_lib, storage
 from igpt import workdir as workdirs
 from igpt.checkpoint import TreeMismatchError
 from igpt.convert import hf as convert_hf
@@ -134,19 +133,19 @@ def load_run(workdir: str, step: int | None = None, mesh=None) -> TrainedModel:
   params, head = class_head.split_head(dict(restored["params"]))
   return TrainedModel(model_cfg=model_cfg, params=params, palette=centers,
                       description=f"run {workdir} at step {step}",
-                      identity=f"run:{os.path.abspath(workdir)}@{step}", step=step,
+                      identity=f"run:{storage.absolute(workdir)}@{step}", step=step,
                       workdir=workdir, config=config, rules=rules, head=head)
 
 
 def load_hf(hf_dir: str, palette_path: str | None = None) -> TrainedModel:
   """The model of a transformers ImageGPT folder, with the palette file its tokens use (none:
   it can read only pre-tokenised data)."""
-  model_cfg, params = convert_hf.load_hf_checkpoint(hf_dir)
+  model_cfg, params = convert_hf.load_hf_checkpoint(storage.local_copy(hf_dir))
   centers = (np.asarray(palette_lib.load_palette(palette_path), np.float32)
              if palette_path else None)
   return TrainedModel(model_cfg=model_cfg, params=jax.tree.map(jax.numpy.asarray, params),
                       palette=centers, description=f"{hf_dir}",
-                      identity=f"hf:{os.path.abspath(hf_dir)}")
+                      identity=f"hf:{storage.absolute(hf_dir)}")
 
 
 def load(*, workdir: str | None = None, hf: str | None = None, palette: str | None = None,
@@ -205,7 +204,7 @@ def save_run(workdir: str, config, centers: np.ndarray, params: dict, step: int 
   got = jax.tree.map(np.shape, params)
   if expected != got:
     raise UserError(f"params do not match the config's model {model_cfg}.")
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   config_json = run.config_to_json(config)
   run.write_config(workdir, config_json)
   palette_lib.save_palette(run.path(workdir, run.PALETTE_FILE), centers)

@@ -12,11 +12,11 @@ import contextlib
 import errno
 import fcntl
 import os
-import shutil
 import socket
 import time
 
 from igpt import config as config_lib
+from igpt import lease, storage
 from igpt.checkpoint import TreeMismatchError
 from igpt.errors import UserError
 
@@ -42,8 +42,15 @@ def lock(workdir: str, lock_file: str, required: bool = True):
   dies, so the lock of a killed run is simply taken over. Yields None once the lock is held.
   Where the folder cannot be written (a read-only copy of a finished run) and not `required`,
   yields the WorkdirError saying why, for a caller that may need no writes to go on.
+  In object storage (no flock there) the lock is a lease object (`igpt.lease`).
   """
   make_workdir(workdir)
+  if storage.is_remote(workdir):
+    with lease.hold(storage.join(workdir, lock_file), workdir) as refused:
+      if refused is not None and required:
+        raise WorkdirError(str(refused)) from refused
+      yield None if refused is None else WorkdirError(str(refused))
+    return
   path = os.path.join(workdir, lock_file)
   try:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -72,6 +79,9 @@ def lock(workdir: str, lock_file: str, required: bool = True):
 
 def make_workdir(workdir: str) -> None:
   """Creates `workdir` (and parents), or says in one line why it cannot be a folder."""
+  if storage.is_remote(workdir):
+    storage.check_bucket(workdir)
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f"--workdir {workdir} exists and is not a folder; give a folder path.")
   try:
@@ -96,6 +106,9 @@ def find_write_error(e: BaseException) -> OSError | None:
 
 def write_error(e: BaseException, path: str) -> WorkdirError:
   """One line for a failed write: the path and the OS's reason."""
+  stored = _storage_error(e)
+  if stored is not None:
+    return WorkdirError(str(stored))
   os_error = find_write_error(e)
   if os_error is not None:
     where = os_error.filename or path
@@ -107,6 +120,16 @@ def write_error(e: BaseException, path: str) -> WorkdirError:
   return WorkdirError(f"cannot write {path}: {type(e).__name__}: {text.splitlines()[0][:300]}")
 
 
+def _storage_error(e: BaseException) -> storage.StorageError | None:
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, storage.StorageError):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def _write_reason(text: str) -> str | None:
   return next((r for r in WRITE_REASONS if r in text), None)
 
@@ -114,6 +137,8 @@ def _write_reason(text: str) -> str | None:
 def is_write_failure(e: BaseException, workdir: str | None = None) -> bool:
   """Whether `e` is a refused write (disk full, read-only, permission), however wrapped;
   with `workdir`, only one inside it (an unreadable data file is not a write failure)."""
+  if _storage_error(e) is not None:
+    return True
   os_error = find_write_error(e)
   if os_error is not None:
     if workdir is None or not os_error.filename:
@@ -128,7 +153,7 @@ def is_write_failure(e: BaseException, workdir: str | None = None) -> bool:
 
 def _same(field: str, a, b) -> bool:
   if field in config_lib.PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and a and b:
-    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+    return storage.absolute(a) == storage.absolute(b)
   return a == b
 
 
@@ -167,17 +192,17 @@ def check_identity(stored: dict, current: dict, workdir: str, source: str) -> li
 
 def move_aside(ckpt, step: int, reason: str, log) -> str:
   """Renames the unreadable checkpoint `step` to `<step>.damaged[-n]` (kept for a post-mortem)."""
-  src = os.path.join(ckpt.directory, str(step))
-  if not os.path.isdir(src):  # another process of a multi-host run moved it first
+  src = storage.join(ckpt.directory, str(step))
+  if not storage.isdir(src):  # another process of a multi-host run moved it first
     ckpt.reload()
     return src
   dst, n = f"{src}.damaged", 1
-  while os.path.exists(dst):
+  while storage.exists(dst):
     n += 1
     dst = f"{src}.damaged-{n}"
   try:
-    os.rename(src, dst)
-  except OSError as e:
+    storage.move_tree(src, dst)
+  except (OSError, storage.StorageError) as e:
     raise write_error(e, src) from e
   ckpt.reload()
   log("Checkpoint %s is damaged (%s); moved it to %s and trying the next older one.",
@@ -189,11 +214,11 @@ def discard_partial_saves(checkpoint_dir: str) -> None:
   """Removes the temporary folders of saves that failed (Orbax writes a step into
   `<step>.orbax-checkpoint-tmp*` and renames it only once whole), so a full disk leaves only
   whole checkpoints behind."""
-  if not os.path.isdir(checkpoint_dir):
+  if not storage.isdir(checkpoint_dir):
     return
-  for name in os.listdir(checkpoint_dir):
+  for name in storage.listdir(checkpoint_dir):
     if ".orbax-checkpoint-tmp" in name:
-      shutil.rmtree(os.path.join(checkpoint_dir, name), ignore_errors=True)
+      storage.rmtree(storage.join(checkpoint_dir, name))
 
 
 def one_line(e: BaseException) -> str:

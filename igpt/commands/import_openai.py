@@ -5,7 +5,9 @@
 
 The run folder (config.json, palette.npy, params) is what `igpt.trained.load_run` reads. It is
 built in a hidden folder beside --out and renamed at the end, so --out either does not exist
-or is complete. Errors in the inputs end as one `error: ...` line and exit status 2; --debug
+or is complete. --out and --hf_out may be bucket URLs (gs://, s3://): the run is written there
+directly (Orbax commits each checkpoint), the transformers folder built locally and uploaded,
+and what was written is deleted if the import fails. Errors in the inputs end as one `error: ...` line and exit status 2; --debug
 (or IGPT_DEBUG=1) shows the traceback instead. Reading the checkpoint needs TensorFlow:
 pip install -e ".[openai]".
 
@@ -26,6 +28,7 @@ from absl import flags, logging
 from igpt import config as config_lib
 from igpt import cli
 from igpt import palette as palette_lib
+from igpt import storage
 from igpt.convert import hf as convert_hf
 from igpt.convert import openai_tf
 from igpt.errors import MissingFileError, UserError
@@ -45,6 +48,11 @@ def define_flags() -> None:
 
 
 def _check_new_folder(path: str, flag: str) -> str:
+  if storage.is_remote(path):
+    storage.check_bucket(path)
+    if storage.exists(path):
+      raise FileExistsError(f"--{flag} {path!r} already exists; give a new folder.")
+    return path
   path = os.path.abspath(path)
   if os.path.lexists(path):
     raise FileExistsError(f"--{flag} {path!r} already exists; give a new folder.")
@@ -70,14 +78,24 @@ def run_config(cfg, palette_path: str):
   c.objective = "ar" if cfg.causal else "bert"
   c.model.vocab_size = cfg.vocab_size
   c.data.palette_size = cfg.vocab_size
-  c.data.palette_path = os.path.abspath(palette_path)
+  c.data.palette_path = storage.absolute(palette_path)
   return c
 
 
 @contextlib.contextmanager
-def _building(final_path: str):
-  """Yields a fresh hidden folder beside `final_path`; deletes it if the block fails."""
+def _building(final_path: str, local: bool = False):
+  """Yields a fresh hidden folder beside `final_path` (for a URL: the URL itself, or a local
+  temporary folder if `local`); deletes what was written if the block fails."""
+  if storage.is_remote(final_path) and not local:
+    try:
+      yield final_path
+    except BaseException:
+      storage.rmtree(final_path)
+      raise
+    return
   parent, name = os.path.split(final_path)
+  if storage.is_remote(final_path):
+    parent, name = None, storage.basename(final_path)
   tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}-", suffix=".tmp")
   try:
     yield tmp
@@ -87,9 +105,19 @@ def _building(final_path: str):
 
 
 def _publish(tmp: str, final_path: str) -> None:
+  if tmp == final_path:  # written in place (a bucket run)
+    return
   # os.rename would quietly replace an empty folder created since the start; refuse it.
-  if os.path.lexists(final_path):
+  if storage.exists(final_path):
     raise FileExistsError(f"{final_path!r} appeared while importing; it was left as it is.")
+  if storage.is_remote(final_path):
+    try:
+      storage.upload_tree(tmp, final_path)
+    except BaseException:
+      storage.rmtree(final_path)
+      raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return
   os.rename(tmp, final_path)
 
 
@@ -123,7 +151,7 @@ def import_release(checkpoint: str, palette_path: str, out: str,
     run_tmp = stack.enter_context(_building(out))
     trained.save_run(run_tmp, config, centers, params, step)
     if hf_out:
-      hf_tmp = stack.enter_context(_building(hf_out))
+      hf_tmp = stack.enter_context(_building(hf_out, local=True))  # transformers writes files
       convert_hf.save_hf_checkpoint(cfg, params, hf_tmp)
       _publish(hf_tmp, hf_out)
     _publish(run_tmp, out)

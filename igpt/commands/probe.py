@@ -10,7 +10,6 @@ Outputs in `out_dir` (a run's `probe/` folder by default): `results_<data>.json`
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 
@@ -18,7 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from igpt import compile_cache, features, fileio, linear_probe, readers, run, sharding, trained
+from igpt import compile_cache, features, fileio, linear_probe, readers, run, sharding, storage, trained
 from igpt.errors import UserError
 from igpt.linear_probe import Split
 
@@ -55,7 +54,7 @@ def labelled_sources(data_cfg, image_side: int) -> dict:
 def _data_key(data_cfg, split: str, image_side: int) -> dict:
   key = data_cfg.to_dict()
   if key.get("path"):
-    key["path"] = os.path.abspath(key["path"])
+    key["path"] = storage.absolute(key["path"])
   return {**key, "split": split, "image_side": image_side}
 
 
@@ -198,7 +197,7 @@ def run_probes(config, pm: trained.TrainedModel, out_dir: str, log=print) -> dic
     features.resolve_layers(config.concat_layers, pm.model_cfg.num_layers, "concat_layers")
   mesh = sharding.make_mesh(config.mesh)
   sources = labelled_sources(config.data, pm.image_side)
-  cache_dir = os.path.join(out_dir, FEATURES_DIR)
+  cache_dir = storage.join(out_dir, FEATURES_DIR)
   log(f"Probing {pm.description} on {sources['train'].description} "
       f"({len(sources['train'])} train / {len(sources['val'])} val / {len(sources['test'])} "
       f"test), pooling {config.pooling}")
@@ -211,8 +210,8 @@ def run_probes(config, pm: trained.TrainedModel, out_dir: str, log=print) -> dic
                                          cache_dir, log)
   results["time_s"] = time.time() - t0
   tag = _tag(config.data)
-  results["files"] = {"json": os.path.join(out_dir, f"results_{tag}.json"),
-                      "png": os.path.join(out_dir, f"accuracy_vs_layer_{tag}.png")}
+  results["files"] = {"json": storage.join(out_dir, f"results_{tag}.json"),
+                      "png": storage.join(out_dir, f"accuracy_vs_layer_{tag}.png")}
   if jax.process_index() == 0:
     with fileio.atomic_open(results["files"]["json"]) as f:
       json.dump(results, f, indent=2)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from igpt import compile_cache, fileio, palette, pipeline, readers, run, sampling, trained
+from igpt import compile_cache, fileio, palette, pipeline, readers, run, sampling, storage, trained
 from igpt.errors import MissingFileError, UserError
 from igpt.pictures import TARGET_CELL_PX, completion_rows, grid
 
@@ -80,6 +80,7 @@ def image_paths(config) -> list[str]:
   """The files of config.images (comma-separated files and folders), in order."""
   files = []
   for path in str(config.images).split(","):
+    path = storage.local_copy(path)  # a bucket's images are read from a local copy
     if os.path.isdir(path):
       found = readers.image_files(path)
       if not found:
@@ -190,7 +191,7 @@ def write_outputs(out_dir: str, name: str, picture: np.ndarray, tokens: np.ndarr
   """
   from PIL import Image  # noqa: PLC0415
 
-  png, npy = (os.path.join(out_dir, f"{name}{ext}") for ext in (".png", ".npy"))
+  png, npy = (storage.join(out_dir, f"{name}{ext}") for ext in (".png", ".npy"))
   with fileio.atomic_files([png, npy]) as (png_tmp, npy_tmp):
     Image.fromarray(picture).save(png_tmp, optimize=True)
     np.save(npy_tmp, tokens)
@@ -237,5 +238,5 @@ def _sample(config, source: trained.ModelSource, out_dir: str | None) -> str:
   name = output_name(config, m.step, origin)
   out_dir = out_dir or (run.path(m.workdir, run.SAMPLES_DIR) if m.workdir else run.SAMPLES_DIR)
   png = write_outputs(out_dir, name, picture, tokens.astype(np.int16))
-  logging.info("wrote %s and %s.npy", png, os.path.splitext(png)[0])
+  logging.info("wrote %s and %s.npy", png, png[:-len(".png")])
   return png

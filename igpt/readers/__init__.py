@@ -28,7 +28,10 @@ Turning images into palette tokens and batches is `igpt.pipeline`'s job.
 
 from __future__ import annotations
 
+import ml_collections
 import numpy as np
+
+from igpt import storage
 
 from igpt.readers.base import (ArraySource, FileSource, ImageSource, SubsetSource, TokenSubset,
                                prepare_images)
@@ -72,6 +75,16 @@ def subset(source, indices, description: str):
   return kind(source, indices, description)
 
 
+def _staged(data_cfg):
+  """`data_cfg` with a bucket's `data.path` replaced by a local copy (downloaded once per
+  machine into the user cache); tfds reads `gs://` itself (`data.data_dir`)."""
+  if data_cfg.source == "tfds" or not storage.is_remote(data_cfg.get("path", "")):
+    return data_cfg
+  staged = ml_collections.ConfigDict(data_cfg.to_dict())
+  staged.path = storage.local_copy(data_cfg.path)
+  return staged
+
+
 def make_source(data_cfg, split: str, image_side: int) -> ImageSource:
   """The `split` ('train' | 'val' | 'test') of the source described by `config.data`."""
   source = data_cfg.source
@@ -82,6 +95,7 @@ def make_source(data_cfg, split: str, image_side: int) -> ImageSource:
   if not isinstance(image_side, (int, np.integer)) or image_side < 1:
     raise UserError(f"image_side must be a positive int; got {image_side!r}.")
   load = _LOADERS[source]
+  data_cfg = _staged(data_cfg)
   if split == "test":
     return load(data_cfg, data_cfg.test_split, int(image_side))
   if split == "val" and data_cfg.val_split:
