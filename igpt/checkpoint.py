@@ -60,6 +60,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int):
     # An absolute local path makes errors name a path that works anywhere; URLs stay as given.
+    storage.check_run_store(directory)
     self.directory = storage.absolute(directory)
     self._name_format = ocp.step.standard_name_format()
     # Async saving (Orbax's default): `save` returns once the arrays are copied to host memory.

@@ -37,6 +37,16 @@ def absolute(path) -> str:
   return path.rstrip("/") if is_remote(path) else os.path.abspath(os.path.expanduser(path))
 
 
+def check_run_store(url) -> None:
+  """Refuses a run folder in a store where Orbax keeps no checkpoints (all but GCS)."""
+  url = os.fspath(url)
+  if is_remote(url) and not url.startswith("gs://"):
+    raise StorageError(
+        f"{url}: run folders in S3 are not supported yet (Orbax cannot write checkpoints "
+        "there); use a gs:// bucket or a folder mounted from S3 (e.g. mountpoint-s3). Data, "
+        "palettes, images and transformers folders may be s3:// URLs.")
+
+
 def join(base, *names) -> str:
   base = os.fspath(base)
   return posixpath.join(base, *names) if is_remote(base) else os.path.join(base, *names)

@@ -80,6 +80,7 @@ def lock(workdir: str, lock_file: str, required: bool = True):
 def make_workdir(workdir: str) -> None:
   """Creates `workdir` (and parents), or says in one line why it cannot be a folder."""
   if storage.is_remote(workdir):
+    storage.check_run_store(workdir)
     storage.check_bucket(workdir)
     return
   if os.path.exists(workdir) and not os.path.isdir(workdir):

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 import gcs_server
+import s3_server
 import train_helpers as th
 
 pytestmark = pytest.mark.skipif(gcs_server.available() is not None,
@@ -47,12 +48,16 @@ def gcs():
   try:
     yield server
   finally:
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
+    _restore(saved)
     server.stop()
+
+
+def _restore(saved: dict) -> None:
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
 
 
 def _storage():
@@ -238,7 +243,26 @@ def test_a_damaged_newest_checkpoint_in_the_bucket_is_set_aside(bucket_run, stra
   assert _metric_steps(url) == sorted(set(_metric_steps(url)))
 
 
-def test_palette_and_cifar_folder_read_from_the_bucket(gcs, tmp_path):
+@pytest.fixture(scope="module")
+def s3():
+  """moto's S3 server, with this process's (and its subprocesses') AWS clients pointed at it."""
+  why = s3_server.available()
+  if why:
+    pytest.skip(why)
+  server = s3_server.S3Server()
+  saved = {k: os.environ.get(k) for k in server.env}
+  server.apply()
+  try:
+    yield server
+  finally:
+    _restore(saved)
+    server.stop()
+
+
+@pytest.mark.parametrize("store", ["gcs", "s3"])
+def test_palette_and_cifar_folder_read_from_the_bucket(store, request):
+  bucket = BUCKET_URL if store == "gcs" else f"s3://{s3_server.BUCKET}"
+  request.getfixturevalue(store)
   from igpt import config as config_lib  # noqa: PLC0415
   from igpt import palette, readers  # noqa: PLC0415
 
@@ -246,13 +270,13 @@ def test_palette_and_cifar_folder_read_from_the_bucket(gcs, tmp_path):
   centers = np.random.default_rng(0).uniform(-1, 1, (16, 3)).astype(np.float32)
   buf = io.BytesIO()
   np.save(buf, centers)
-  storage.write_bytes(f"{BUCKET_URL}/data/palette.npy", buf.getvalue())
-  np.testing.assert_array_equal(palette.load_palette(f"{BUCKET_URL}/data/palette.npy"), centers)
+  storage.write_bytes(f"{bucket}/data/palette.npy", buf.getvalue())
+  np.testing.assert_array_equal(palette.load_palette(f"{bucket}/data/palette.npy"), centers)
 
   def put(name, images):
     record = {b"data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072),
               b"labels": list(range(len(images))), b"batch_label": b"fixture"}
-    storage.write_bytes(f"{BUCKET_URL}/data/cifar-10-batches-py/{name}",
+    storage.write_bytes(f"{bucket}/data/cifar-10-batches-py/{name}",
                         pickle.dumps(record, protocol=2))
 
   rng = np.random.default_rng(1)
@@ -260,7 +284,7 @@ def test_palette_and_cifar_folder_read_from_the_bucket(gcs, tmp_path):
   put("data_batch_1", images[:5])
   put("test_batch", images[5:])
   cfg = config_lib.base_config(num_layers=1, d_model=8, num_heads=1).data
-  cfg.update(source="cifar", path=f"{BUCKET_URL}/data/cifar-10-batches-py", val_split="test")
+  cfg.update(source="cifar", path=f"{bucket}/data/cifar-10-batches-py", val_split="test")
   train = readers.make_source(cfg, "train", 32)
   np.testing.assert_array_equal(train.get(np.arange(5))[0], images[:5])
   np.testing.assert_array_equal(readers.make_source(cfg, "test", 32).get(np.arange(2))[0],
@@ -337,3 +361,14 @@ def test_two_processes_train_into_the_bucket(gcs, tmp_path):
   params = storage.listdir(f"{url}/checkpoints/{steps}/params")
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(params), params
   assert _metric_steps(url) == [3, 6] and not storage.exists(f"{url}/.lock")
+
+
+def test_an_s3_run_folder_is_refused_before_anything_is_written(s3):
+  # Orbax (0.12) writes checkpoints to GCS and disks only; everything else may be in S3.
+  url = f"s3://{s3_server.BUCKET}/runs/tiny"
+  proc = subprocess.run(_cli(url), env=th.env(1), cwd=th.REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  error = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+  assert len(error) == 1 and url in error[0] and "gs://" in error[0], proc.stderr[-2000:]
+  assert not _storage().exists(url)

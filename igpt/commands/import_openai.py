@@ -49,6 +49,8 @@ def define_flags() -> None:
 
 def _check_new_folder(path: str, flag: str) -> str:
   if storage.is_remote(path):
+    if flag == "out":
+      storage.check_run_store(path)
     storage.check_bucket(path)
     if storage.exists(path):
       raise FileExistsError(f"--{flag} {path!r} already exists; give a new folder.")
