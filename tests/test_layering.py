@@ -16,7 +16,7 @@ import re
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY_POINTS = ("train.py", "sample.py", "probe.py")
+ENTRY_POINTS = ("train.py", "sample.py", "probe.py", "demo.py")
 
 
 def _module_name(path: str) -> str:
