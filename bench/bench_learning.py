@@ -5,10 +5,10 @@
 
 Runs `train.py --config configs/cifar_cpu.py` (any `--config`; `--set field=value` overrides
 a field, as `--config.field=value` would) on the folder, then `probe.py` on the run with every
-layer concatenated too, then a linear probe on the raw pixels (the same splits, standardised,
-the same L2 sweep). Prints bits/dim, probe test accuracy per layer (pretrained and the
-random-init control), the concatenation, raw pixels, and the CPU seconds (user + system) of
-pretraining and probing. A finished run in --workdir is probed again without retraining.
+layer concatenated too (`--probe_set field=value` overrides its settings, e.g. pool_grid=2),
+then a linear probe on the raw pixels (the same splits, standardised, the same L2 sweep).
+Prints bits/dim, probe test accuracy per layer (pretrained and the random-init control), the
+concatenation, raw pixels, and the CPU seconds (user + system) of pretraining and probing. A finished run in --workdir is probed again without retraining.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ _CONFIG = flags.DEFINE_string("config", os.path.join(REPO, "configs", "cifar_cpu
 _WORKDIR = flags.DEFINE_string("workdir", "runs/bench_learning", "Run folder.")
 _SET = flags.DEFINE_multi_string("set", [], "field=value: a run config override.")
 _VAL_EXAMPLES = flags.DEFINE_integer("val_examples", 500, "Probe validation carve.")
+_PROBE_SET = flags.DEFINE_multi_string("probe_set", [], "field=value: a probe config override "
+                                       "(configs/probe.py), e.g. pool_grid=2.")
 flags.mark_flags_as_required(["cifar_dir"])
 
 
@@ -90,7 +92,7 @@ def main(argv):
       [sys.executable, "probe.py", "--workdir", workdir, "--config.data.source=cifar",
        "--config.data.name=cifar10", f"--config.data.path={data_dir}",
        f"--config.data.val_examples={_VAL_EXAMPLES.value}", "--config.concat_layers=all",
-       "--config.batch_size=128"])
+       "--config.batch_size=128", *[f"--config.{s}" for s in _PROBE_SET.value]])
   with open(run.path(run.path(workdir, run.PROBE_DIR), "results_cifar10.json")) as f:
     results = json.load(f)
   with open(run.path(workdir, run.METRICS_FILE)) as f:

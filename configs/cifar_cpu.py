@@ -3,7 +3,8 @@
   python train.py --config configs/cifar_cpu.py --workdir runs/cifar_cpu \\
       --config.data.path=.../cifar-10-batches-py
   python probe.py --workdir runs/cifar_cpu --config.data.source=cifar \\
-      --config.data.path=.../cifar-10-batches-py --config.data.val_examples=500
+      --config.data.path=.../cifar-10-batches-py --config.data.val_examples=500 \\
+      --config.pool_grid=4 --config.concat_layers=all
 
 The tiny model's shape (4 layers, width 128) at 16x16, on CIFAR files (`data.source=cifar`).
 `bench/bench_learning.py` runs both steps and prints the probe table with the controls; the

@@ -19,6 +19,9 @@ def get_config():
   # "norm": mean over positions of the stream normalised without gain (the paper's f^l);
   # "raw": mean of the un-normalised stream (what the original authors' notebook used).
   c.pooling = "norm"
+  # Pool over g x g blocks of the image and concatenate the block means (g*g*width features
+  # per layer); 1 = the paper's mean over every position. Must divide the image side.
+  c.pool_grid = 1
   # Also probe these layers' features concatenated ("" = no); e.g. "-3,-2,-1".
   c.concat_layers = ""
   # Probe a random-init model of the same shape too (the control: what pretraining bought).

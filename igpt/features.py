@@ -5,7 +5,9 @@ indices count from the end). Its feature, as in the paper, is
 
     f^l = mean over positions of norm(h_l),   norm(x) = x * rsqrt(mean(x^2) + 1e-5)
 
-(iGPT's RMS norm without a gain); pooling "raw" averages h_l itself instead.
+(iGPT's RMS norm without a gain); pooling "raw" averages h_l itself instead. With
+`pool_grid=g` > 1 the image is cut into g x g blocks of positions and the feature is the
+block means side by side ([g*g*D], row-major blocks): some of where things are survives.
 
     extractor = FeatureExtractor(model_cfg, params, centers, mesh, pooling="norm", ...)
     feats, labels = extractor.features(source, data_key, layers=[4, 8])  # {l: [N, D]}, [N]
@@ -24,6 +26,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import re
 import zipfile
 from typing import Sequence
@@ -71,20 +74,38 @@ def resolve_layers(spec, num_layers: int, field: str = "layers") -> list[int]:
   return sorted(layers)
 
 
-def pool(h_BxLxD, pooling: str):
-  """Mean over positions of the normalised (`norm`) or raw (`raw`) stream: float32 [B, D]."""
+def check_pool_grid(pool_grid: int, image_side: int) -> int:
+  """`pool_grid` as an int, if it cuts the image into equal blocks."""
+  if isinstance(pool_grid, bool) or int(pool_grid) != pool_grid or pool_grid < 1 or (
+      image_side % int(pool_grid)):
+    raise UserError(f"pool_grid={pool_grid!r} must be a positive divisor of the image side "
+                    f"{image_side} (1 = the mean over every position).")
+  return int(pool_grid)
+
+
+def pool(h_BxLxD, pooling: str, pool_grid: int = 1):
+  """Mean over positions of the normalised (`norm`) or raw (`raw`) stream: float32 [B, D];
+  with `pool_grid` g > 1, the means of g x g image blocks: float32 [B, g*g*D]."""
   h_BxLxD = h_BxLxD.astype(jnp.float32)
   if pooling == "norm":
     h_BxLxD = h_BxLxD * jax.lax.rsqrt(jnp.mean(h_BxLxD**2, axis=-1, keepdims=True)
                                       + model.NORM_EPS)
   elif pooling != "raw":
     raise UserError(f"pooling={pooling!r}: use one of {list(POOLINGS)}.")
-  return h_BxLxD.mean(axis=1)
+  if pool_grid == 1:
+    return h_BxLxD.mean(axis=1)
+  batch, length, width = h_BxLxD.shape
+  side = math.isqrt(length)
+  cell = side // pool_grid
+  blocks = h_BxLxD.reshape(batch, pool_grid, cell, pool_grid, cell, width).mean(axis=(2, 4))
+  return blocks.reshape(batch, pool_grid * pool_grid * width)
 
 
 @functools.lru_cache(maxsize=16)
-def make_feature_fn(model_cfg: ModelConfig, layers: tuple[int, ...], pooling: str, mesh, rules):
-  """Jitted `fn(params, tokens_BxL) -> float32 [B, len(layers), D]`, batch-sharded.
+def make_feature_fn(model_cfg: ModelConfig, layers: tuple[int, ...], pooling: str, mesh, rules,
+                    pool_grid: int = 1):
+  """Jitted `fn(params, tokens_BxL) -> float32 [B, len(layers), F]` (F = pool_grid² D),
+  batch-sharded.
 
   Cached, so the splits of a dataset and a same-shape control model share one compile.
   """
@@ -94,7 +115,7 @@ def make_feature_fn(model_cfg: ModelConfig, layers: tuple[int, ...], pooling: st
     # Linen's logical constraints need the mesh and the rules while tracing.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
       _, hidden = model.apply(model_cfg, params, tokens_BxL)
-      return jnp.stack([pool(hidden[n], pooling) for n in names], axis=1)
+      return jnp.stack([pool(hidden[n], pooling, pool_grid) for n in names], axis=1)
 
   batch = sharding.batch_sharding(mesh)
   return jax.jit(fn, in_shardings=(_param_shardings(model_cfg, mesh, rules), batch),
@@ -135,9 +156,11 @@ class FeatureExtractor:
 
   def __init__(self, model_cfg: ModelConfig, params, centers, mesh, *, rules=(),
                pooling: str = "norm", batch_size: int = 64, cache_dir: str | None = None,
-               identity: str = ""):
+               identity: str = "", pool_grid: int = 1):
     if pooling not in POOLINGS:
       raise UserError(f"pooling={pooling!r}: use one of {list(POOLINGS)}.")
+    self.pool_grid = check_pool_grid(pool_grid, math.isqrt(model_cfg.seq_len))
+    self.width = self.pool_grid ** 2 * model_cfg.d_model  # of one layer's feature
     dp = sharding.data_parallel_size(mesh)
     if batch_size < 1 or batch_size % (dp * jax.process_count()):
       raise UserError(f"batch_size={batch_size} must be a positive multiple of the "
@@ -153,8 +176,11 @@ class FeatureExtractor:
 
   def _cache_entry(self, data_key: dict, layer: int) -> tuple[str, str]:
     """(file, key digest) of one layer's features; the digest is also stored in the file."""
-    key = json.dumps({"model": self.model_key, "data": data_key, "layer": layer,
-                      "pooling": self.pooling}, sort_keys=True, default=str)
+    entry = {"model": self.model_key, "data": data_key, "layer": layer,
+             "pooling": self.pooling}
+    if self.pool_grid != 1:  # absent at 1: the caches written before the option stay valid
+      entry["pool_grid"] = self.pool_grid
+    key = json.dumps(entry, sort_keys=True, default=str)
     digest = hashlib.sha1(key.encode()).hexdigest()
     name = f"{data_key.get('split', 'data')}-l{layer}-{digest[:20]}.npz"
     return storage.join(self.cache_dir, name), digest
@@ -169,15 +195,16 @@ class FeatureExtractor:
     except _UNREADABLE as e:
       problem = f"unreadable ({type(e).__name__}: {e})"
     else:
-      problem = _cache_problem(arrays, digest, rows, self.model_cfg.d_model)
+      problem = _cache_problem(arrays, digest, rows, self.width)
     if problem:
       logging.warning("Feature cache %s cannot be used: %s; recomputing it.", path, problem)
       return None
     return arrays["features"], arrays["labels"]
 
   def compute(self, source, layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Runs the model over `source`: (float32 [N, len(layers), D], int32 labels [N])."""
-    fn = make_feature_fn(self.model_cfg, tuple(layers), self.pooling, self.mesh, self.rules)
+    """Runs the model over `source`: (float32 [N, len(layers), F], int32 labels [N])."""
+    fn = make_feature_fn(self.model_cfg, tuple(layers), self.pooling, self.mesh, self.rules,
+                         self.pool_grid)
     feats, labels = [], []
     batches = pipeline.eval_batches(source, self.centers, self.batch_size,
                                     process_index=jax.process_index(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -119,6 +120,26 @@ def test_features_equal_hand_computation_from_hidden(pooling):
       h = h / np.sqrt(np.mean(h**2, axis=-1, keepdims=True) + 1e-5)
     np.testing.assert_allclose(feats[:, k], h.mean(axis=1), rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(labels, want_labels)
+
+
+def test_grid_pooling_is_the_block_means_side_by_side():
+  params = _init(CFG, 1)
+  source = _token_source(6)
+  side = math.isqrt(CFG.seq_len)
+  extractor = features.FeatureExtractor(CFG, params, None, _mesh(), pooling="raw",
+                                        batch_size=4, pool_grid=2)
+  feats, _ = extractor.compute(source, [1])
+  assert feats.shape == (6, 1, 4 * CFG.d_model)
+  tokens, _ = source.get_tokens(np.arange(6))
+  _, hidden = _apply(CFG, params, jnp.asarray(tokens))
+  h = np.asarray(hidden["h_1"], np.float64).reshape(6, side, side, CFG.d_model)
+  half = side // 2
+  want = np.concatenate([h[:, r:r + half, c:c + half].mean(axis=(1, 2))
+                         for r in (0, half) for c in (0, half)], axis=1)  # row-major blocks
+  np.testing.assert_allclose(feats[:, 0], want, rtol=1e-4, atol=1e-5)
+  for bad in (3, 0, 2.5):
+    with pytest.raises(ValueError, match=f"pool_grid={bad!r} must be a positive divisor"):
+      features.FeatureExtractor(CFG, params, None, _mesh(), pool_grid=bad)
 
 
 def test_feature_cache_is_hit_on_the_second_call(tmp_path):

@@ -73,7 +73,8 @@ def _extract(pm: trained.TrainedModel, config, sources, layers, mesh, cache_dir)
                     "turn them into tokens.")
   extractor = features.FeatureExtractor(
       pm.model_cfg, pm.params, pm.palette, mesh, rules=pm.rules, pooling=config.pooling,
-      batch_size=config.batch_size, cache_dir=cache_dir, identity=pm.identity)
+      batch_size=config.batch_size, cache_dir=cache_dir, identity=pm.identity,
+      pool_grid=config.pool_grid)
   out = {split: extractor.features(source, _data_key(config.data, split, pm.image_side), layers)
          for split, source in sources.items()}
   for split, (_, labels) in out.items():
@@ -159,6 +160,11 @@ def _check_low_data(config, train_labels_N: np.ndarray) -> None:
                       f"{present.min()} training examples; use at most {present.min()}.")
 
 
+def _pooling(config) -> str:
+  grid = int(config.pool_grid)
+  return config.pooling + (f" over {grid}x{grid} blocks" if grid > 1 else "")
+
+
 def check_config(config) -> None:
   """ValueErrors for settings that cannot work, before any model or data is read."""
   if config.pooling not in features.POOLINGS:
@@ -193,6 +199,7 @@ def run_probes(config, pm: trained.TrainedModel, out_dir: str, log=print) -> dic
   t0 = time.time()
   check_config(config)
   features.resolve_layers(config.layers, pm.model_cfg.num_layers)  # fail before any work
+  features.check_pool_grid(config.pool_grid, pm.image_side)
   if config.concat_layers:
     features.resolve_layers(config.concat_layers, pm.model_cfg.num_layers, "concat_layers")
   mesh = sharding.make_mesh(config.mesh)
@@ -200,8 +207,9 @@ def run_probes(config, pm: trained.TrainedModel, out_dir: str, log=print) -> dic
   cache_dir = storage.join(out_dir, FEATURES_DIR)
   log(f"Probing {pm.description} on {sources['train'].description} "
       f"({len(sources['train'])} train / {len(sources['val'])} val / {len(sources['test'])} "
-      f"test), pooling {config.pooling}")
+      f"test), pooling {_pooling(config)}")
   results = {"data": config.data.to_dict(), "pooling": config.pooling,
+             "pool_grid": int(config.pool_grid),
              "examples": {k: len(v) for k, v in sources.items()},
              "pretrained": probe_model(pm, "pretrained", config, sources, mesh, cache_dir, log)}
   if config.random_init_control:
@@ -273,8 +281,10 @@ def plot(results: dict, path: str) -> None:
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.set_xlabel("layer (block index)")
   ax.set_ylabel("linear probe test accuracy (%)")
+  grid = results.get("pool_grid", 1)
+  blocks = f" over {grid}x{grid} blocks" if grid > 1 else ""
   ax.set_title(f"{results['data'].get('name') or results['data']['source']}, "
-               f"{results['pooling']} pooling")
+               f"{results['pooling']} pooling{blocks}")
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
