@@ -121,11 +121,28 @@ def segment_ends(seq_len: int, segment_len: int | None = None) -> list[int]:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _prefill(cfg: ModelConfig, params, prompt_BxN, cache_len: int):
+def prefill(cfg: ModelConfig, params, prompt_BxN, cache_len: int):
   """The cache after positions [0, N) of the prompt (their logits are not needed)."""
   cache = model.init_cache(cfg, prompt_BxN.shape[0], cache_len)
   prev_BxN = jnp.pad(prompt_BxN[:, :-1], ((0, 0), (1, 0)))
   return model.decode(cfg, params, cache, prev_BxN, 0)[1]
+
+
+def decode_loop(cfg: ModelConfig, params, cache, tokens_BxL, noise_SxBxV, noise_begin, start,
+                stop, choose):
+  """Samples positions [start, stop) into tokens_BxL, one decode step each (to trace inside
+  a jitted function): position p's token is `choose(logits_BxV, noise_SxBxV[p - noise_begin])`.
+  Returns (cache, tokens_BxL)."""
+
+  def step(p, carry):
+    cache, tokens_BxL = carry
+    prev_Bx1 = jax.lax.dynamic_slice_in_dim(tokens_BxL, jnp.maximum(p - 1, 0), 1, axis=1)
+    logits_Bx1xV, cache = model.decode(cfg, params, cache, prev_Bx1, p)
+    token_B = choose(logits_Bx1xV[:, 0], noise_SxBxV[p - noise_begin])
+    tokens_BxL = jax.lax.dynamic_update_slice_in_dim(tokens_BxL, token_B[:, None], p, axis=1)
+    return cache, tokens_BxL
+
+  return jax.lax.fori_loop(start, stop, step, (cache, tokens_BxL))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8), donate_argnums=(3,))
@@ -139,16 +156,8 @@ def _segment(cfg: ModelConfig, params, cache, tokens_BxL, rng, start, begin: int
   cache = model.pad_cache(cache, stop)
   noise_SxBxV = gumbel_noise(rng, tokens_BxL.shape[0], cfg.vocab_size, begin, stop)
   params = model.decode_params(params)  # once per segment, not per step
-
-  def step(p, carry):
-    cache, tokens_BxL = carry
-    prev_Bx1 = jax.lax.dynamic_slice_in_dim(tokens_BxL, jnp.maximum(p - 1, 0), 1, axis=1)
-    logits_Bx1xV, cache = model.decode(cfg, params, cache, prev_Bx1, p)
-    token_B = sample_token(logits_Bx1xV[:, 0], noise_SxBxV[p - begin], settings)
-    tokens_BxL = jax.lax.dynamic_update_slice_in_dim(tokens_BxL, token_B[:, None], p, axis=1)
-    return cache, tokens_BxL
-
-  return jax.lax.fori_loop(start, stop, step, (cache, tokens_BxL))
+  choose = lambda logits_BxV, gumbel_BxV: sample_token(logits_BxV, gumbel_BxV, settings)
+  return decode_loop(cfg, params, cache, tokens_BxL, noise_SxBxV, begin, start, stop, choose)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +243,7 @@ def sample(cfg: ModelConfig, params, prompt_BxN, rng, settings: Settings = Setti
   if not ends:  # nothing left to sample
     return tokens_BxL
   if num_prompt:
-    cache = _prefill(cfg, params, prompt_BxN, ends[0])
+    cache = prefill(cfg, params, prompt_BxN, ends[0])
   else:
     cache = model.init_cache(cfg, batch, 1)
     if mesh is not None:

@@ -162,12 +162,14 @@ def test_fixed_sampler_draws_what_sample_draws_and_compiles_once():
   cases = [(0, sampling.Settings(temperature=0.7, top_k=5)), (6, sampling.Settings(top_p=0.6)),
            (3, sampling.Settings(greedy=True, temperature=0)),
            (9, sampling.Settings(temperature=1.3, top_k=3, top_p=0.5))]
+  # Drawn first: sample() compiles the same `prefill` for its own prompt lengths.
+  wants = [sampling.sample(cfg, params, full[:, :num_prompt], jax.random.key(3), settings)
+           for num_prompt, settings in cases]
   with _lowerings() as lowered:
-    for num_prompt, settings in cases:
+    for (num_prompt, settings), want in zip(cases, wants):
       tokens = full.copy()
       tokens[:, num_prompt:] = 0
       steps = list(fixed.stream(tokens, num_prompt, 3, settings))
-      want = sampling.sample(cfg, params, full[:, :num_prompt], jax.random.key(3), settings)
       np.testing.assert_array_equal(steps[-1][1], np.asarray(want))
       done = [d for d, _ in steps]
       assert done == [num_prompt] + list(range(num_prompt - num_prompt % 4 + 4, 17, 4)), done

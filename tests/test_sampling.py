@@ -187,7 +187,7 @@ def _fail_if_compiled(monkeypatch):
   """A bad prompt must be refused before either compiled piece of the sampler runs."""
   def compiled(*args, **kwargs):
     raise AssertionError("the sampler ran before the prompt was checked")
-  monkeypatch.setattr(sampling, "_prefill", compiled)
+  monkeypatch.setattr(sampling, "prefill", compiled)
   monkeypatch.setattr(sampling, "_segment", compiled)
 
 

@@ -5,8 +5,8 @@
 compile for each new combination. Here every input has one shape:
 
 - the batch is always `batch` rows (a request's rows first, then copies of its first);
-- the tokens are always [B, L], the prompt's length N traced: `prefill` runs all L positions
-  (the cache past the prompt holds garbage that the steps mask, then overwrite);
+- the tokens are always [B, L], the prompt's length N traced: `sampling.prefill` runs all L
+  positions (the cache past the prompt holds garbage that the steps mask, then overwrite);
 - temperature, top-k, top-p and greedy are traced arrays (`knobs`);
 - `steps` samples `chunk` positions per call from a traced first position, and the caller
   gets the tokens between calls (what the page shows as they come).
@@ -61,15 +61,6 @@ def sample_token(logits_BxV, gumbel_BxV, knobs_: dict):
   return jnp.where(knobs_["greedy"], jnp.argmax(logits_BxV, axis=-1), drawn_B).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def prefill(cfg: ModelConfig, params, tokens_BxL):
-  """The cache after all L positions of tokens_BxL (only those before the prompt's end are
-  read before being rewritten)."""
-  cache = model.init_cache(cfg, tokens_BxL.shape[0], cfg.seq_len)
-  prev_BxL = jnp.pad(tokens_BxL[:, :-1], ((0, 0), (1, 0)))
-  return model.decode(cfg, params, cache, prev_BxL, 0)[1]
-
-
 @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(2,))
 def steps(cfg: ModelConfig, params, cache, tokens_BxL, seed, first, num_prompt, chunk: int,
           knobs_: dict):
@@ -79,17 +70,10 @@ def steps(cfg: ModelConfig, params, cache, tokens_BxL, seed, first, num_prompt, 
   draw = lambda p: jax.random.gumbel(jax.random.fold_in(rng, p), (batch, cfg.vocab_size))
   noise_CxBxV = jax.vmap(draw)(first + jnp.arange(chunk))
 
-  def step(p, carry):
-    cache, tokens_BxL = carry
-    prev_Bx1 = jax.lax.dynamic_slice_in_dim(tokens_BxL, jnp.maximum(p - 1, 0), 1, axis=1)
-    logits_Bx1xV, cache = model.decode(cfg, params, cache, prev_Bx1, p)
-    token_B = sample_token(logits_Bx1xV[:, 0], noise_CxBxV[p - first], knobs_)
-    tokens_BxL = jax.lax.dynamic_update_slice_in_dim(tokens_BxL, token_B[:, None], p, axis=1)
-    return cache, tokens_BxL
-
-  lo = jnp.maximum(first, num_prompt)
-  hi = jnp.minimum(first + chunk, cfg.seq_len)
-  return jax.lax.fori_loop(lo, hi, step, (cache, tokens_BxL))
+  choose = lambda logits_BxV, gumbel_BxV: sample_token(logits_BxV, gumbel_BxV, knobs_)
+  return sampling.decode_loop(cfg, params, cache, tokens_BxL, noise_CxBxV, first,
+                              jnp.maximum(first, num_prompt),
+                              jnp.minimum(first + chunk, cfg.seq_len), choose)
 
 
 class FixedSampler:
@@ -116,7 +100,8 @@ class FixedSampler:
     # an uncommitted first input would compile `steps` a second time.
     tokens = jax.device_put(np.asarray(tokens_BxL, np.int32), self.device)
     controls = knobs(settings.check(self.cfg.vocab_size))
-    cache = prefill(self.cfg, self.params, tokens)
+    # All L positions (a fixed shape): those past the prompt are masked, then rewritten.
+    cache = sampling.prefill(self.cfg, self.params, tokens, length)
     yield num_prompt, np.array(tokens)
     for first in range(num_prompt - num_prompt % self.chunk, length, self.chunk):
       if stop():
