@@ -35,10 +35,8 @@ class LeaseHeld(storage.StorageError):
 def read(url: str) -> dict | None:
   """The lease in `url`, or None (no lease, or an unreadable one, which counts as none)."""
   try:
-    if not storage.isfile(url):
-      return None
     return json.loads(storage.read_text(url))
-  except (ValueError, FileNotFoundError):
+  except (ValueError, FileNotFoundError):  # one request, not a look then a read
     return None
 
 

@@ -144,28 +144,25 @@ def check_bucket(url: str) -> None:
                        "fix the URL.")
 
 
-def exists(path) -> bool:
+def _ask(path, local, remote: str) -> bool:
+  """`local(path)` on a disk, the store client's method `remote` for a URL."""
   path = os.fspath(path)
   if not is_remote(path):
-    return os.path.exists(path)
+    return local(path)
   with _named(path, "read"):
-    return _fs(path).exists(path)
+    return getattr(_fs(path), remote)(path)
+
+
+def exists(path) -> bool:
+  return _ask(path, os.path.exists, "exists")
 
 
 def isdir(path) -> bool:
-  path = os.fspath(path)
-  if not is_remote(path):
-    return os.path.isdir(path)
-  with _named(path, "read"):
-    return _fs(path).isdir(path)
+  return _ask(path, os.path.isdir, "isdir")
 
 
 def isfile(path) -> bool:
-  path = os.fspath(path)
-  if not is_remote(path):
-    return os.path.isfile(path)
-  with _named(path, "read"):
-    return _fs(path).isfile(path)
+  return _ask(path, os.path.isfile, "isfile")
 
 
 def listdir(path) -> list[str]:
