@@ -3,8 +3,8 @@ on localhost by a GCS-protocol server (fake-gcs-server), is killed and resumed, 
 reader (sample.py, probe.py, load_run, TensorBoard, the data sources) reads it from there.
 
 The clients find the server through the standard variables only (STORAGE_EMULATOR_HOST,
-TENSORSTORE_GCS_HTTP_URL; see tests/gcs_server.py). Skips where the server's wheel or gcsfs
-is not installed.
+TENSORSTORE_GCS_HTTP_URL, AWS_ENDPOINT_URL; see tests/object_stores.py). Skips where a
+server's wheel or its client is not installed.
 """
 
 from __future__ import annotations
@@ -25,39 +25,24 @@ import ml_collections
 import numpy as np
 import pytest
 
-import gcs_server
-import s3_server
+import object_stores
 import train_helpers as th
 
-pytestmark = pytest.mark.skipif(gcs_server.available() is not None,
-                                reason=str(gcs_server.available()))
+pytestmark = pytest.mark.skipif(object_stores.gcs_available() is not None,
+                                reason=str(object_stores.gcs_available()))
 
 # Enough steps after the kill point to resume; checkpoints every 3 so one lands early.
 OVERRIDES = {"train.total_steps": 24, "train.checkpoint_every_steps": 3,
              "train.log_every_steps": 3, "train.eval_every_steps": 12,
              "train.keep_checkpoints": 10}
-BUCKET_URL = f"gs://{gcs_server.BUCKET}"
+BUCKET_URL = f"gs://{object_stores.BUCKET}"
 
 
 @pytest.fixture(scope="module")
 def gcs():
-  """The server, with this process's clients pointed at it (subprocesses inherit that)."""
-  server = gcs_server.GcsServer()
-  saved = {k: os.environ.get(k) for k in server.env}
-  server.apply()
-  try:
+  """The GCS server, with this process's clients pointed at it (subprocesses inherit that)."""
+  with object_stores.GcsServer().serving() as server:
     yield server
-  finally:
-    _restore(saved)
-    server.stop()
-
-
-def _restore(saved: dict) -> None:
-  for k, v in saved.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
 
 
 def _storage():
@@ -246,22 +231,16 @@ def test_a_damaged_newest_checkpoint_in_the_bucket_is_set_aside(bucket_run, stra
 @pytest.fixture(scope="module")
 def s3():
   """moto's S3 server, with this process's (and its subprocesses') AWS clients pointed at it."""
-  why = s3_server.available()
+  why = object_stores.s3_available()
   if why:
     pytest.skip(why)
-  server = s3_server.S3Server()
-  saved = {k: os.environ.get(k) for k in server.env}
-  server.apply()
-  try:
+  with object_stores.S3Server().serving() as server:
     yield server
-  finally:
-    _restore(saved)
-    server.stop()
 
 
 @pytest.mark.parametrize("store", ["gcs", "s3"])
 def test_palette_and_cifar_folder_read_from_the_bucket(store, request):
-  bucket = BUCKET_URL if store == "gcs" else f"s3://{s3_server.BUCKET}"
+  bucket = BUCKET_URL if store == "gcs" else f"s3://{object_stores.BUCKET}"
   request.getfixturevalue(store)
   from igpt import config as config_lib  # noqa: PLC0415
   from igpt import palette, readers  # noqa: PLC0415
@@ -365,7 +344,7 @@ def test_two_processes_train_into_the_bucket(gcs, tmp_path):
 
 def test_an_s3_run_folder_is_refused_before_anything_is_written(s3):
   # Orbax (0.12) writes checkpoints to GCS and disks only; everything else may be in S3.
-  url = f"s3://{s3_server.BUCKET}/runs/tiny"
+  url = f"s3://{object_stores.BUCKET}/runs/tiny"
   proc = subprocess.run(_cli(url), env=th.env(1), cwd=th.REPO, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 2, proc.stderr[-3000:]
