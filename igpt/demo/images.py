@@ -24,17 +24,6 @@ def _megabytes(n: int) -> str:
   return f"{n / (1 << 20):.1f} MB"
 
 
-def _rgb(im) -> np.ndarray:
-  """uint8 [H, W, 3] of a PIL image; 16- and 32-bit grey keep their top 8 bits (Pillow would
-  clip them to white), the rule `readers.FileSource` follows for image files."""
-  if not im.mode.startswith("I"):
-    return np.asarray(im.convert("RGB"))
-  values = np.asarray(im).astype(np.int64)
-  bits = 16 if values.max(initial=0) <= 0xFFFF else 31
-  grey = (np.clip(values, 0, None) >> (bits - 8)).astype(np.uint8)
-  return np.repeat(grey[..., None], 3, axis=-1)
-
-
 def check_size(num_bytes: int, max_bytes: int = MAX_UPLOAD_BYTES) -> None:
   """A UserError for an empty upload or one over `max_bytes` (checked before it is read)."""
   if not num_bytes:
@@ -57,7 +46,7 @@ def read_upload(data: bytes, side: int, max_bytes: int = MAX_UPLOAD_BYTES,
       if width * height > max_pixels:
         raise UserError(f"the image is {width}x{height} pixels ({width * height / 1e6:.0f} "
                         f"megapixels); the limit is {max_pixels / 1e6:.0f} megapixels.")
-      rgb = _rgb(im)
+      rgb = readers.decoded_image(im)  # as image files are read
   except UnidentifiedImageError:
     raise UserError("the file is not an image Pillow can read (try PNG or JPEG).") from None
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

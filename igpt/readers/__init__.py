@@ -34,7 +34,7 @@ import numpy as np
 from igpt import storage
 
 from igpt.readers.base import (ArraySource, FileSource, ImageSource, SubsetSource, TokenSubset,
-                               prepare_images)
+                               decoded_image, prepare_images)
 from igpt.errors import UserError
 from igpt.readers.cifar import cifar_source
 from igpt.readers.digits import digits_source
@@ -45,7 +45,8 @@ from igpt.readers.tfds import TfdsSource, tfds_source
 
 __all__ = ["SPLITS", "SOURCES", "VAL_SEED", "make_source", "subset", "ImageSource",
            "ArraySource", "FileSource", "SubsetSource", "TokenSubset", "TfdsSource",
-           "TokenSource", "prepare_images", "image_files", "token_source", "IMAGE_EXTENSIONS"]
+           "TokenSource", "decoded_image", "prepare_images", "image_files", "token_source",
+           "IMAGE_EXTENSIONS"]
 
 SPLITS = ("train", "val", "test")
 SOURCES = ("tfds", "cifar", "idx", "folder", "digits", "openai_npy")

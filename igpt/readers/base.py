@@ -202,7 +202,7 @@ class FileSource(ImageSource):
       path = self.files[i]
       try:
         with Image.open(path) as im:
-          images.append(_decoded(im))
+          images.append(decoded_image(im))
       except (OSError, UnidentifiedImageError, ValueError) as e:
         raise UserError(f"Image file {path!r} could not be read (truncated or not an image?): "
                         f"{e}") from e
@@ -210,7 +210,7 @@ class FileSource(ImageSource):
     return images, labels
 
 
-def _decoded(im) -> np.ndarray:
+def decoded_image(im) -> np.ndarray:
   """A PIL image as uint8 [H, W, 3], or [H, W] for 16- and 32-bit grey (modes I;16*, I).
 
   Pillow converts those to RGB by clipping every value to 255 (a 16-bit PNG turns white), so
