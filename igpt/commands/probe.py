@@ -160,9 +160,11 @@ def _check_low_data(config, train_labels_N: np.ndarray) -> None:
                       f"{present.min()} training examples; use at most {present.min()}.")
 
 
-def _pooling(config) -> str:
-  grid = int(config.pool_grid)
-  return config.pooling + (f" over {grid}x{grid} blocks" if grid > 1 else "")
+def _blocks(pool_grid: int) -> str:
+  """The " over 4x4 blocks" that descriptions of grid pooling end with ("" for the mean over
+  every position)."""
+  grid = int(pool_grid)
+  return f" over {grid}x{grid} blocks" if grid > 1 else ""
 
 
 def check_config(config) -> None:
@@ -207,7 +209,7 @@ def run_probes(config, pm: trained.TrainedModel, out_dir: str, log=print) -> dic
   cache_dir = storage.join(out_dir, FEATURES_DIR)
   log(f"Probing {pm.description} on {sources['train'].description} "
       f"({len(sources['train'])} train / {len(sources['val'])} val / {len(sources['test'])} "
-      f"test), pooling {_pooling(config)}")
+      f"test), pooling {config.pooling}{_blocks(config.pool_grid)}")
   results = {"data": config.data.to_dict(), "pooling": config.pooling,
              "pool_grid": int(config.pool_grid),
              "examples": {k: len(v) for k, v in sources.items()},
@@ -281,10 +283,8 @@ def plot(results: dict, path: str) -> None:
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.set_xlabel("layer (block index)")
   ax.set_ylabel("linear probe test accuracy (%)")
-  grid = results.get("pool_grid", 1)
-  blocks = f" over {grid}x{grid} blocks" if grid > 1 else ""
   ax.set_title(f"{results['data'].get('name') or results['data']['source']}, "
-               f"{results['pooling']} pooling{blocks}")
+               f"{results['pooling']} pooling{_blocks(results.get('pool_grid', 1))}")
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
