@@ -10,30 +10,8 @@ Writes a table to the console, and `results_<data>.json`, `accuracy_vs_layer_<da
 feature cache (`features/`) to --out (default: <workdir>/probe). Settings: configs/probe.py.
 """
 
-import os
-
-from absl import app, logging
-
 from igpt import cli
-
-_CONFIG = cli.define_config_file(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "probe.py"),
-    "Probe config file (configs/probe.py).")
-_MODEL = cli.ModelFlags("probe")
-_OUT = cli.define_out_flag("<workdir>/probe")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-
-  def probe():
-    from igpt.commands import probe as command  # pylint: disable=g-import-not-at-top
-    results = command.main(_CONFIG.value, _MODEL.source(), _OUT.value)
-    logging.info("Wrote %s and %s", results["files"]["json"], results["files"]["png"])
-
-  cli.run_main(probe, interrupted_hint="rerun the same command; cached features are reused")
-
+from igpt.commands import probe
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.start(probe)

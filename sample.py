@@ -11,29 +11,8 @@ data come from the run folder. Writes <out>/<name>.png and the sampled tokens <n
 (default <out>: <workdir>/samples).
 """
 
-import os
-
-from absl import app
-
 from igpt import cli
-
-_CONFIG = cli.define_config_file(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sample.py"),
-    "Sampling settings (configs/sample.py).")
-_MODEL = cli.ModelFlags("sample from")
-_OUT = cli.define_out_flag("<workdir>/samples")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-
-  def sample():
-    from igpt.commands import sample as command  # pylint: disable=g-import-not-at-top
-    command.main(_CONFIG.value, _MODEL.source(), _OUT.value)
-
-  cli.run_main(sample)
-
+from igpt.commands import sample
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.start(sample)

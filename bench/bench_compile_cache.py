@@ -3,7 +3,7 @@
   python bench/bench_compile_cache.py                       # configs/tiny.py, 3 runs each
   python bench/bench_compile_cache.py --config configs/igpt_s.py --runs 2
 
-Builds the trainer's state and train step for `--config` (as bench_train.py does) and times
+Builds the train state and train step for `--config` (as bench_train.py does) and times
 `.lower(...)` and `.compile()` of the step, each run in a fresh process (JAX's in-memory cache
 empty), in three modes:
   off:  no persistent cache (what every start cost before);
@@ -44,12 +44,12 @@ def compile_once(config, cache_dir: str) -> dict:
   compile_cache.enable(cache_dir)
   run_spec = spec.resolve(config)
   mesh = sharding.make_mesh(run_spec.config.mesh)
-  trainer = train.Trainer.build(run_spec, mesh)
-  state, state_shardings = train.create_train_state(trainer, jax.random.key(0))
+  setup = train.TrainSetup.build(run_spec, mesh)
+  state, state_shardings = train.create_train_state(setup, jax.random.key(0))
   tokens = np.zeros((config.train.batch_size, run_spec.model.seq_len), np.int32)
   batch = sharding.global_batch({"tokens": tokens}, mesh)
   t0 = time.perf_counter()
-  lowered = train.make_train_step(trainer, state_shardings).lower(state, batch,
+  lowered = train.make_train_step(setup, state_shardings).lower(state, batch,
                                                                   jax.random.key(1))
   lower_s = time.perf_counter() - t0
   with compile_cache.watch() as compiled:

@@ -38,6 +38,7 @@ from absl import app, flags
 from PIL import Image
 
 from igpt import config as igpt_config
+from igpt import palette as palette_lib
 from igpt import pipeline, prefetch, readers
 
 _CIFAR_DIR = flags.DEFINE_string("cifar_dir", None, "cifar-10-batches-py folder (or its parent).")
@@ -148,7 +149,7 @@ def main(argv):
     raise app.UsageError("--cifar_dir is required (a cifar-10-batches-py folder).")
   cifar = readers.make_source(data_config(source="cifar", path=_CIFAR_DIR.value), "train", _SIDE)
   t0 = time.perf_counter()
-  palette = pipeline.fit_palette(cifar, 512, _PALETTE_PIXELS.value, seed=0)
+  palette = palette_lib.fit_palette(pipeline.sample_pixels(cifar, _PALETTE_PIXELS.value, 0), 512, 0)
   print(f"{len(cifar)} CIFAR training images; {len(palette)}-colour palette fitted in "
         f"{time.perf_counter() - t0:.1f}s; {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.1f}; median of {_RUNS.value} runs of {_IMAGES.value} images")

@@ -16,10 +16,10 @@ table shows the median step (and the spread, (max - min) / median, as a noise ga
 
 FLOPs follow `igpt.metrics.flops_per_token`: 6 N + 12 L d T per token for forward + backward
 (N = matmul weights incl. the output head; attention over the full T x T square). MFU is
-against `--peak_gflops` if given, else the trainer's per-device table (GPU/TPU), else, on CPU,
+against `--peak_gflops` if given, else the per-device table of igpt.metrics (GPU/TPU), else, on CPU,
 a float32 matmul peak measured here with `jnp.dot` (said so in the header).
 
-Runs unchanged on CPU and GPU: the mesh, shardings and jit come from the trainer, over all
+Runs unchanged on CPU and GPU: the mesh, shardings and jit come from igpt.train, over all
 local devices (pure FSDP by default, as in training).
 """
 
@@ -105,13 +105,13 @@ def peak_flops(override_gflops: float) -> tuple[float, str]:
 
 
 def time_train_step(config, warmup: int, steps: int) -> dict:
-  """Builds the trainer's state and step for `config`; returns compile time and step times."""
+  """Builds the train state and step for `config`; returns compile time and step times."""
   run_spec = spec.resolve(config)
   mesh = sharding.make_mesh(run_spec.config.mesh)
   model_cfg = run_spec.model
-  trainer = train.Trainer.build(run_spec, mesh)
-  state, state_shardings = train.create_train_state(trainer, jax.random.key(0))
-  step = train.make_train_step(trainer, state_shardings)
+  setup = train.TrainSetup.build(run_spec, mesh)
+  state, state_shardings = train.create_train_state(setup, jax.random.key(0))
+  step = train.make_train_step(setup, state_shardings)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, model_cfg.vocab_size, (config.train.batch_size, model_cfg.seq_len))
   batch = sharding.global_batch({"tokens": tokens.astype(np.int32)}, mesh)

@@ -15,9 +15,11 @@ saved again. Every process of a multi-host job calls every method; Orbax picks t
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from igpt import storage, trees
 from igpt.errors import UserError
@@ -30,6 +32,12 @@ def _leaf_name(path) -> str:
   """
   keys = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
   return ".".join(str(k) for k in keys)
+
+
+def one_line(e: BaseException) -> str:
+  """An exception as one short line (Orbax/TensorStore messages run to pages)."""
+  text = str(e).split("See full TensorStore details")[0].strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
 class TreeMismatchError(ValueError):
@@ -98,12 +106,10 @@ class Checkpointer:
     `abstract_state` is a dict of pytrees of jax.ShapeDtypeStruct with `.sharding` set, e.g.
     `jax.eval_shape(init)` plus the trainer's shardings; its mesh may differ from the one the
     checkpoint was saved from. Only the items named by its keys are read (`{"params": ...}`
-    reads no optimiser state). Raises ValueError for a missing step or a mismatching tree.
+    reads no optimiser state). Raises UserError for a missing step and TreeMismatchError
+    for a tree that does not match.
     """
-    steps = self.all_steps()
-    if step not in steps:
-      raise UserError(f"No checkpoint for step {step} in {self.directory}; "
-                      f"available steps: {steps or 'none'}.")
+    self._require(step)
     self._check_tree(step, abstract_state)
     items = _split(abstract_state)
     args = {name: ocp.args.StandardRestore(tree) for name, tree in items.items()}
@@ -113,6 +119,87 @@ class Checkpointer:
     if PARAMS_ITEM in items:
       state[PARAMS_ITEM] = out[PARAMS_ITEM]
     return {k: state[k] for k in abstract_state}, out[EXTRA_ITEM]
+
+  def _require(self, step: int) -> None:
+    steps = self.all_steps()
+    if step not in steps:
+      raise UserError(f"No checkpoint for step {step} in {self.directory}; available steps: "
+                      f"{steps or 'none'}.")
+
+  def newest_that_reads(self, abstract_state=None, *, step: int | None = None,
+                        damaged: str = "skip", check_extra: Callable | None = None,
+                        required_extra: tuple[str, ...] = ()):
+    """(step, state, extra) of the newest checkpoint that reads whole, or (None, None, None).
+
+    The one way every reader finds its checkpoint. A checkpoint is damaged when its `extra`
+    or its arrays do not read, or its `extra` lacks a key of `required_extra`: training moves
+    it aside to `<step>.damaged` (`damaged="move"`) and readers skip it with a warning
+    (`"skip"`: nothing in the folder changes); then the next older one is tried. With `step`,
+    only that checkpoint is read, and damage raises. `check_extra(step, extra)` sees a
+    candidate's `extra` before its arrays are read and may raise (another run's config).
+    `abstract_state` is a tree as `restore` takes it, or a function of (step, extra) that
+    makes one (the model's shape is stored in `extra`); None reads `extra` alone. A tree of
+    other leaves or shapes (another model) raises TreeMismatchError, never counts as damage.
+    """
+    if damaged not in ("move", "skip"):
+      raise ValueError(f"damaged={damaged!r}: 'move' or 'skip'")
+    if step is not None:
+      self._require(step)
+    for candidate in [step] if step is not None else self.all_steps()[::-1]:
+      try:
+        extra = self.read_extra(candidate)
+        missing = [k for k in required_extra if k not in (extra or {})]
+        if missing:
+          raise KeyError(f"its extra item lacks {missing}")
+      except Exception as e:  # noqa: BLE001  (any unreadable extra is damage)
+        reason = one_line(e)
+      else:
+        if check_extra is not None:
+          check_extra(candidate, extra)  # raises for another run's config: not damage
+        if abstract_state is None:
+          return candidate, None, extra
+        tree = abstract_state(candidate, extra) if callable(abstract_state) else abstract_state
+        try:
+          state, extra = self.restore(candidate, tree)
+          return candidate, state, extra
+        except TreeMismatchError:
+          raise  # another model (e.g. a params-only import), not a damaged file
+        except Exception as e:  # noqa: BLE001  (whatever a damaged file raises)
+          reason = one_line(e)
+      if step is not None:
+        others = [s for s in self.all_steps() if s != step]
+        raise UserError(f"checkpoint {step} in {self.directory} does not read ({reason})"
+                        + (f"; pick another with --step (available: {others})." if others
+                           else "."))
+      if damaged == "move":
+        self.move_aside(candidate, reason)
+      else:
+        logging.warning("Checkpoint %s in %s does not read (%s); trying the next older one.",
+                        candidate, self.directory, reason)
+    return None, None, None
+
+  def move_aside(self, step: int, reason: str) -> str:
+    """Renames the unreadable checkpoint `step` to `<step>.damaged[-n]` (kept for a
+    post-mortem); returns the new path."""
+    src = storage.join(self.directory, str(step))
+    if not storage.isdir(src):  # another process of a multi-host run moved it first
+      self.reload()
+      return src
+    dst, n = f"{src}.damaged", 1
+    while storage.exists(dst):
+      n += 1
+      dst = f"{src}.damaged-{n}"
+    storage.move_tree(src, dst)  # a refused write reaches the run folder's error handling
+    self.reload()
+    logging.info("Checkpoint %s is damaged (%s); moved it to %s and trying the next older one.",
+                 src, reason, dst)
+    return dst
+
+  def damaged_steps(self) -> list[str]:
+    """Names of the checkpoints set aside as damaged."""
+    folder = self.directory
+    return sorted(n for n in (storage.listdir(folder) if storage.isdir(folder) else [])
+                  if ".damaged" in n)
 
   def read_extra(self, step: int) -> dict:
     """The `extra` dict of `step` alone (no arrays read)."""
@@ -139,7 +226,7 @@ class Checkpointer:
     return storage.isdir(storage.join(self.directory, str(step), REST_ITEM))
 
   def _check_tree(self, step: int, abstract_state) -> None:
-    """Raises a ValueError naming every leaf where the checkpoint and target disagree."""
+    """Raises TreeMismatchError naming every leaf where the checkpoint and target disagree."""
     metadata = self._manager.item_metadata(step)
     saved = {}
     for name, tree in _split(abstract_state).items():

@@ -6,23 +6,22 @@ status 2; `--debug` (or IGPT_DEBUG=1) shows the traceback instead. Ctrl-C ends w
 a preempted run (SIGTERM) with one line and status 75.
 Anything else is a bug and keeps its traceback.
 
-    app.run(main, flags_parser=cli.parse_flags)   # flag and config-file mistakes
+    cli.start(command)                            # a command module as a program
     cli.run_main(work, interrupted_hint="...")    # everything the work raises
 """
 
 from __future__ import annotations
 
 import errno
-import logging as pylogging
 import os
 import re
 import sys
-import threading
 
-from absl import flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from igpt import config as config_lib
+from igpt import console
 from igpt.errors import Preempted, UserError
 from igpt.guards import DivergedError, NonFiniteLossError
 
@@ -46,29 +45,6 @@ def is_user_error(e: BaseException) -> bool:
   if isinstance(e, OSError) and not isinstance(e, UserError):
     return bool(e.filename) or e.errno in _DISK_ERRNOS or e.strerror is None
   return isinstance(e, USER_ERRORS)
-
-
-class _QuietConsole:
-  """Drops chatter from the console: Orbax's per-save INFO lines, and JAX's note that it found
-  no TPU (it then uses the GPU or CPU, as asked). Orbax's errors are dropped and its warnings
-  lose their tracebacks: a failed save or read reaches the entry point, which reports it in
-  one line naming the path; --debug keeps them all."""
-
-  def __init__(self, debug: bool):
-    self.debug = debug
-
-  def filter(self, record):
-    from_orbax = "/orbax/" in record.pathname
-    if record.levelno >= pylogging.WARNING:
-      # Orbax's background saves run on asyncio: a failed one logs there too.
-      if (from_orbax or "/asyncio/" in record.pathname) and not self.debug:
-        if record.levelno >= pylogging.ERROR:
-          return False
-        record.exc_info, record.exc_text = None, None
-      return True
-    if from_orbax:
-      return False
-    return not str(record.msg).startswith("Unable to initialize backend")
 
 
 def debug_enabled() -> bool:
@@ -107,6 +83,19 @@ def _last_words(text: str, status: int, hard: bool) -> None:
   os.dup2(devnull, 2)
   os.write(console, text.encode())
   os._exit(status)
+
+
+def start(command) -> None:
+  """Runs a command module of `igpt.commands` as the program: `command.define_flags()`, then
+  absl's flag parsing (mistakes as one line), then `command.main(argv)`."""
+  command.define_flags()
+
+  def main(argv):
+    if len(argv) > 1:
+      fail(f"unexpected arguments {argv[1:]}; every input is a --flag.")
+    command.main(argv)
+
+  app.run(main, flags_parser=parse_flags)
 
 
 def _flag_value(argv, name: str) -> str:
@@ -149,6 +138,14 @@ def define_out_flag(default_help: str):
   return flags.DEFINE_string("out", None, f"Output folder (default: {default_help}).")
 
 
+def define_model_command_flags(config_file: str, config_help: str, what: str,
+                               out_default: str) -> dict:
+  """What a command that reads a model takes (sample.py, probe.py): --config (its settings
+  file), the model flags (--workdir/--step or --hf/--palette) and --out; {name: holder}."""
+  return {"config": define_config_file(config_file, config_help), "model": ModelFlags(what),
+          "out": define_out_flag(out_default)}
+
+
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 
 
@@ -175,10 +172,19 @@ def _load_config_file(spec: str):
   return module.get_config(variant) if variant else module.get_config()
 
 
+def _flags_help() -> str:
+  """The help of every flag an igpt module or the program itself defined (a command's flags
+  live in its `igpt.commands` module, the shared ones in this one), absl's own left out."""
+  main_module = sys.argv[0]
+  modules = [m for m in flags.FLAGS.flags_by_module_dict()
+             if m == main_module or m.startswith("igpt") or m.startswith("ml_collections")]
+  return "\n".join(flags.FLAGS.module_help(m) for m in modules)
+
+
 def print_help(argv) -> None:
   """The entry point's docstring, its flags, and its config's fields with their values."""
   main = sys.modules["__main__"]
-  lines = [(main.__doc__ or "").strip(), "", "Flags:", flags.FLAGS.main_module_help()]
+  lines = [(main.__doc__ or "").strip(), "", "Flags:", _flags_help()]
   spec = _flag_value(argv, "config")
   if spec == "?" and "config" in flags.FLAGS:
     try:  # an entry point's default config file
@@ -248,39 +254,6 @@ def _fail_flags(e: BaseException, argv) -> None:
   fail(f"cannot read the config: {type(e).__name__}: {error_line(e)}")
 
 
-def _is_orbax_teardown_noise(exc) -> bool:
-  # A failed Orbax read or save leaves TensorStore operations in flight; when they finish,
-  # their callbacks find the event loop closed or their coroutine abandoned and print a
-  # traceback each.
-  return (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)) or (
-      "Encountered error while reading array index" in str(exc))
-
-
-def quiet_orbax_teardown() -> None:
-  """Keeps the tracebacks of a failed read's or save's stray callbacks off the console."""
-  if getattr(sys.excepthook, "_igpt_quiet", False):
-    return
-  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
-
-  def quiet_excepthook(kind, exc, tb):
-    # The callbacks run on TensorStore's threads; the main thread's own errors always print.
-    stray = threading.current_thread() is not threading.main_thread()
-    if not (stray and _is_orbax_teardown_noise(exc)):
-      excepthook(kind, exc, tb)
-
-  def quiet_unraisablehook(unraisable):
-    if not _is_orbax_teardown_noise(unraisable.exc_value):
-      unraisablehook(unraisable)
-
-  quiet_excepthook._igpt_quiet = True
-  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
-
-
-def _one_line_thread_error(args) -> None:
-  sys.stderr.write(f"warning: background thread {args.thread.name if args.thread else '?'} "
-                   f"failed: {args.exc_type.__name__}: {args.exc_value}\n")
-
-
 def run_main(main, interrupted_hint="", debug_hint: bool = True,
              hard_exit: bool = False) -> None:
   """Calls `main()` with the entry-point error style (see the module docstring).
@@ -291,14 +264,7 @@ def run_main(main, interrupted_hint="", debug_hint: bool = True,
   background writers; not for callers that catch SystemExit).
   """
   debug = debug_enabled()
-  logging.get_absl_handler().addFilter(_QuietConsole(debug))
-  if not debug:
-    # A failed background write (Orbax's save threads) is re-raised in the main thread, which
-    # reports it in one line; the thread's own traceback would only bury that line.
-    threading.excepthook = _one_line_thread_error
-    # A failed read or save leaves TensorStore callbacks that each print a traceback before
-    # (and while) the main thread reports the error.
-    quiet_orbax_teardown()
+  console.quiet(debug)
   try:
     main()
   except Preempted as e:

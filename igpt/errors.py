@@ -2,7 +2,8 @@
 
 Raised where input is checked (a config value, a flag, a file or folder, the data), with a
 message naming the thing and the fix. Any other exception is a bug and keeps its traceback.
-Both types subclass the built-in errors they used to be, so `except ValueError` still works.
+Both types subclass the built-in error of their kind (ValueError, FileNotFoundError), so
+`except ValueError` catches them too.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 fixed batches that are tokenised once.
 
     batches = eval_batches(source, centers, mesh, batch_size, num_batches)
-    evaluate = Evaluation(trainer, param_shardings, batches, rng)
+    evaluate = Evaluation(setup, param_shardings, batches, rng)
     evaluate(params)   # {'eval_loss', 'eval_bits_per_dim', 'eval_examples'[, 'eval_accuracy']}
 
 Evaluators: "loss" (the objective's loss in nats/token and bits/dim) and "accuracy" (a
@@ -28,18 +28,18 @@ def eval_batches(source, centers, mesh, batch_size: int, num_batches: int | None
                                          jax.process_index(), jax.process_count())]
 
 
-def make_loss_step(trainer, param_shardings):
+def make_loss_step(setup, param_shardings):
   """Jitted `loss(params, batch, rng) -> (loss_sum, num_examples)` on one held-out batch.
 
   `batch` holds the objective's keys and 'mask' (float32 [B], 0 for the rows that pad the
   last eval batch); loss_sum adds the per-example losses (nats/token) of the rows that count.
   """
-  mesh, objective = trainer.mesh, trainer.objective
+  mesh, objective = setup.mesh, setup.objective
 
   def loss_fn(params, batch, rng):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(trainer.rules):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(setup.rules):
       batch = objective.prepare_batch(batch, rng)
-      per_example_B, weight_B = objective.loss(trainer.model_cfg, params, batch)
+      per_example_B, weight_B = objective.loss(setup.model_cfg, params, batch)
       weight_B = weight_B * batch["mask"]
       return (per_example_B * weight_B).sum(), weight_B.sum()
 
@@ -62,13 +62,13 @@ def mean_loss(loss_step, params, batches, rng) -> dict:
           "eval_examples": int(count)}
 
 
-def make_accuracy_step(trainer, param_shardings):
+def make_accuracy_step(setup, param_shardings):
   """Jitted `correct(params, batch) -> (hits, num_examples)` of a classifier head."""
-  mesh = trainer.mesh
+  mesh = setup.mesh
 
   def correct(params, batch):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(trainer.rules):
-      logits_BxC, _ = class_head.class_logits(trainer.model_cfg, params, batch["tokens"])
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(setup.rules):
+      logits_BxC, _ = class_head.class_logits(setup.model_cfg, params, batch["tokens"])
     hit_B = (logits_BxC.argmax(-1) == batch["label"]).astype(jnp.float32)
     return (hit_B * batch["mask"]).sum(), batch["mask"].sum()
 
@@ -84,17 +84,17 @@ def accuracy(accuracy_step, params, batches) -> float:
 
 
 class Evaluation:
-  """Every evaluator the trainer's objective names, over fixed batches: `__call__(params)`."""
+  """Every evaluator the run's objective names, over fixed batches: `__call__(params)`."""
 
-  def __init__(self, trainer, param_shardings, batches: list, rng):
+  def __init__(self, setup, param_shardings, batches: list, rng):
     self.batches, self.rng = batches, rng
-    names = trainer.objective.evaluators
+    names = setup.objective.evaluators
     unknown = set(names) - {"loss", "accuracy"}
     if unknown:
-      raise ValueError(f"objective {trainer.objective.name!r} names unknown evaluators "
+      raise ValueError(f"objective {setup.objective.name!r} names unknown evaluators "
                        f"{sorted(unknown)}.")
-    self._loss = make_loss_step(trainer, param_shardings) if "loss" in names else None
-    self._accuracy = make_accuracy_step(trainer, param_shardings) if "accuracy" in names else None
+    self._loss = make_loss_step(setup, param_shardings) if "loss" in names else None
+    self._accuracy = make_accuracy_step(setup, param_shardings) if "accuracy" in names else None
 
   def __call__(self, params) -> dict:
     out = {}

@@ -37,11 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from igpt import config as config_lib
 from igpt import fileio, model, pipeline, sharding, storage, trained
 from igpt.errors import UserError
 from igpt.model import ModelConfig
 
-POOLINGS = ("norm", "raw")
+POOLINGS = config_lib.PROBE_POOLINGS
 # What np.load raises on a damaged file: a cut-off or empty one, random bytes, a bad zip member.
 _UNREADABLE = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
 
@@ -49,7 +50,7 @@ _UNREADABLE = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
 def resolve_layers(spec, num_layers: int, field: str = "layers") -> list[int]:
   """Sorted distinct block indices from "all", "3", "0,4,-1" or a sequence of ints.
 
-  Negative indices count from the end (-1 = the last block); out of range is a ValueError
+  Negative indices count from the end (-1 = the last block); out of range is a UserError
   naming the config `field` the indices came from.
   """
   if isinstance(spec, str):

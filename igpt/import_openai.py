@@ -13,10 +13,9 @@ from __future__ import annotations
 def _main() -> None:
   # Imported here, so that importing this module defines no flag at all (igpt.cli defines
   # --debug as it is imported).
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from igpt import cli  # pylint: disable=g-import-not-at-top
   from igpt.commands import import_openai  # pylint: disable=g-import-not-at-top
-  import_openai.define_flags()
-  app.run(import_openai.main, flags_parser=import_openai.parse_flags)
+  cli.start(import_openai)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,9 @@ def resolve_attention(requested: str, dtype: str, head_dim: int, seq_len: int,
   auto: "blocked" on CPU; on GPU "cudnn" when the compute dtype is half precision and the head
   size suits cuDNN, else "xla"; on TPU "splash" when the sequence length is a multiple of
   `SPLASH_BLOCK` and the dtype float32 or bfloat16, else "xla"; "xla" elsewhere. An explicit
-  choice that cannot run raises UserError naming `model.attention`.
+  choice that cannot run raises UserError naming `model.attention`. `requested` is one of
+  ATTENTION_CHOICES (`ModelConfig` checks the name).
   """
-  if requested not in ATTENTION_CHOICES:
-    raise UserError(f"model.attention={requested!r} is unknown: use one of "
-                    f"{list(ATTENTION_CHOICES)}.")
   cudnn_ok = dtype in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= _CUDNN_MAX_HEAD_DIM
   splash_ok = dtype in _SPLASH_DTYPES and seq_len % SPLASH_BLOCK == 0
   if requested == "auto":

@@ -51,6 +51,9 @@ class ModelConfig:
   attention: str = "auto"  # auto | blocked | xla | cudnn | splash (kernels.resolve_attention)
 
   def __post_init__(self):
+    for name in ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size"):
+      if getattr(self, name) < 1:
+        raise UserError(f"model.{name}={getattr(self, name)} must be >= 1.")
     if self.d_model % self.num_heads:
       raise UserError(
           f"model.d_model={self.d_model} is not divisible by model.num_heads="
@@ -73,14 +76,28 @@ class ModelConfig:
       raise UserError(f"seq_len={self.seq_len} is not a square: this model reads no image.")
     return side
 
+  def to_dict(self) -> dict:
+    """The fields as JSON-ready values (stored beside the weights: `from_dict` rebuilds it)."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, fields: dict) -> "ModelConfig":
+    """The model `to_dict` describes; unknown fields (a newer igpt's) are refused."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise UserError(f"the stored model has fields {unknown} this igpt does not know (written "
+                      "by a newer version?); upgrade igpt to read it.")
+    return cls(**fields)
+
   @classmethod
   def from_config(cls, model_config, *, causal: bool, vocab_size: int) -> "ModelConfig":
     """Builds from a run config's `model` section; `causal` comes from the objective and
     `vocab_size` from `model.vocab_size` or the palette (see `igpt.spec.resolve`)."""
-    m = model_config
-    return cls(num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
-               seq_len=m.image_side**2, vocab_size=vocab_size, causal=causal,
-               dtype=m.dtype, remat=m.remat, attention=m.attention)
+    return cls(num_layers=model_config.num_layers, d_model=model_config.d_model,
+               num_heads=model_config.num_heads, seq_len=model_config.image_side**2,
+               vocab_size=vocab_size, causal=causal, dtype=model_config.dtype,
+               remat=model_config.remat, attention=model_config.attention)
 
   def attention_implementation(self, backend: str | None = None) -> str:
     """The attention kernel this config runs on `backend` (default: JAX's)."""

@@ -61,6 +61,14 @@ class Objective:
       return dataclasses.replace(self, num_classes=num_classes)
     return self
 
+  def model_config(self, config) -> ModelConfig:
+    """The model a run config trains with this objective: its `model` section, causal or
+    not as this objective is, one output class per palette colour unless `model.vocab_size`
+    is set."""
+    return ModelConfig.from_config(
+        config.model, causal=self.causal,
+        vocab_size=config.model.vocab_size or config.data.palette_size)
+
   def prepare_batch(self, batch: dict, rng) -> dict:
     """`batch` with this objective's model inputs added (BERT's masks)."""
     return self.prepare(self, batch, rng)
@@ -126,7 +134,7 @@ OBJECTIVES = {
 
 
 def get(name: str) -> Objective:
-  """The objective called `name` (not yet configured); a ValueError lists the known ones."""
+  """The objective called `name` (not yet configured); a UserError lists the known ones."""
   if name not in OBJECTIVES:
     raise UserError(f"objective={name!r} is unknown: use one of {sorted(OBJECTIVES)}.")
   return OBJECTIVES[name]

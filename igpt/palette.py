@@ -6,6 +6,8 @@ Euclidean distance in the `x / 127.5 - 1` space); a token decodes to `rint(127.5
 
 - `fit_palette(pixels, k)`: weighted k-means (k-means++ init + Lloyd) on the distinct colours.
 - `encode(images, centers)` / `decode(tokens, centers)`: images <-> token sequences, raster order.
+- `load_or_fit(vocab_size, given, pixels=...)`: the one entry that gives a model its palette
+  (a file, an array, or a fit), checked against the model's tokens.
 - `save_palette(path, centers)` / `load_palette(path)`: the `.npy` format, validated on load.
 
 The nearest centre of a pixel depends only on its 24-bit colour, so `encode` keeps a lookup
@@ -21,6 +23,7 @@ import hashlib
 import math
 import os
 import threading
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +58,7 @@ def _unpack_unit(codes: np.ndarray) -> np.ndarray:
 
 
 def check_palette(centers, what: str = "centers") -> np.ndarray:
-  """`centers` as float32 (k, 3) in [-1, 1]; a ValueError naming `what` otherwise."""
+  """`centers` as float32 (k, 3) in [-1, 1]; a UserError naming `what` otherwise."""
   centers = np.asarray(centers)
   if centers.ndim != 2 or centers.shape[1] != 3 or not 1 <= centers.shape[0] <= MAX_PALETTE_SIZE:
     raise UserError(f"{what} must have shape (k, 3) with 1 <= k <= {MAX_PALETTE_SIZE}; "
@@ -170,7 +173,7 @@ _TABLES = _LookupTables()
 def encode(images, centers) -> np.ndarray:
   """Tokens int32 [..., H*W] of uint8 images [..., H, W, 3]: nearest centre, raster order.
 
-  Images are not resized here: resize them to the model's side first (`igpt.data` does).
+  Images are not resized here: the readers (`igpt.readers`) read them at the model's side.
   """
   images = _check_images(images)
   centers = check_palette(centers)
@@ -331,12 +334,35 @@ def fit_palette(pixels, k: int = 512, seed: int = 0, num_iters: int = 50,
 # Files
 
 
-def check_fits(centers, vocab_size: int, where: str) -> None:
-  """A ValueError naming `where` when the palette has more colours than the model has tokens
-  (those colours could never be predicted; their pixels would be encoded out of range)."""
+def load_or_fit(vocab_size: int, given=None, *, pixels: Callable[[], np.ndarray] | None = None,
+                k: int = 512, seed: int = 0, what: str = "the palette") -> np.ndarray:
+  """The palette a model of `vocab_size` tokens reads its pixels with: float32 [k', 3].
+
+  `given` is a `.npy` path (a run's palette.npy, OpenAI's kmeans_centers.npy) or an array (a
+  transformers folder's `clusters`); without it, a `k`-colour palette is fitted on `pixels()`
+  (deterministic in `seed`). Either way it is checked here, the one place that holds a palette
+  against a vocabulary: more colours than tokens could never be predicted.
+  """
+  if isinstance(given, (str, os.PathLike)) and given:
+    what = f"the palette {os.fspath(given)}"
+    centers = load_palette(given)
+  elif given is not None and not isinstance(given, (str, os.PathLike)):
+    centers = check_palette(given, what)
+  elif pixels is not None:
+    centers = fit_palette(pixels(), k, seed)
+  else:
+    raise MissingFileError(f"{what}: no palette file was given and there are no pixels to fit "
+                           "one on.")
   if len(centers) > vocab_size:
-    raise UserError(f"{where} has {len(centers)} colours but the model has {vocab_size} "
-                    "tokens (model.vocab_size); raise vocab_size or use a smaller palette.")
+    raise UserError(f"{what} has {len(centers)} colours but the model has {vocab_size} tokens "
+                    "(model.vocab_size); raise vocab_size or use a smaller palette.")
+  return centers
+
+
+def identity(centers) -> dict:
+  """What names a palette in a run's records: its colour count and a hash of its values."""
+  centers = check_palette(centers)
+  return {"colours": len(centers), "sha256": hashlib.sha256(centers.tobytes()).hexdigest()}
 
 
 def save_palette(path, centers) -> None:

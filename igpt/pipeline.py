@@ -1,4 +1,4 @@
-"""The input pipeline: palette fitting, tokens, and deterministic batches.
+"""The input pipeline: pixels for fitting the palette, tokens, and deterministic batches.
 
 Sources come from `igpt.readers` (images) or hold tokens already (`get_tokens`). Batches are
 {'tokens': int32 [b, side*side], 'label': int32 [b]} (label -1 when unlabelled); evaluation
@@ -18,14 +18,6 @@ import numpy as np
 from igpt import palette as palette_lib
 from igpt import readers
 from igpt.errors import UserError
-
-
-def fit_palette(train_source: readers.ImageSource, palette_size: int, num_pixels: int,
-                seed: int) -> np.ndarray:
-  """A `palette_size`-colour k-means palette fitted on `num_pixels` training pixels."""
-  pixels = sample_pixels(train_source, num_pixels, seed)
-  return palette_lib.fit_palette(pixels, palette_size, seed)
-
 
 
 def sample_pixels(source: readers.ImageSource, num_pixels: int, seed: int) -> np.ndarray:

@@ -1,6 +1,8 @@
 """A run is a folder; this module is the only one that knows its layout.
 
     <workdir>/config.json         the resolved run config (written at the start of a run)
+    <workdir>/model.json          the model's shape (igpt.model.ModelConfig) and the identity
+                                  of its palette; every checkpoint's `extra` holds the same
     <workdir>/palette.npy         the colour palette the run's tokens use ([k, 3] in [-1, 1])
     <workdir>/metrics.jsonl       one JSON record per log step and per evaluation
     <workdir>/tensorboard/        the same scalars (and training samples) for TensorBoard
@@ -15,7 +17,8 @@
 
 `open_for_training(spec, workdir, open_data)` opens a folder for the trainer (lock, identity,
 config, palette, checkpoints, write-error translation). Reading a trained model, and writing
-a params-only run (an imported model): `igpt.trained.load_run`, `igpt.trained.save_run`.
+a params-only run (an imported model): `igpt.trained.load_run`, `igpt.trained.save_run`; both
+find their checkpoint with `Checkpointer.newest_that_reads`, as the trainer does.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from igpt import distributed, fileio, metrics, palette, pipeline, storage, summaries
+from igpt import (compile_cache, distributed, fileio, metrics, palette, pipeline, readers,
+                  storage, summaries)
 from igpt import workdir as workdirs
 from igpt.checkpoint import Checkpointer
 from igpt.errors import MissingFileError, UserError
 
 CONFIG_FILE = "config.json"
+MODEL_FILE = "model.json"
 PALETTE_FILE = "palette.npy"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -52,21 +57,23 @@ def path(workdir: str, name: str) -> str:
   return storage.join(workdir, name)
 
 
-def config_to_json(config) -> dict:
-  """The config as a JSON-ready dict (what config.json and every checkpoint store)."""
-  return json.loads(config.to_json_best_effort())
-
-
-def write_config(workdir: str, config_json: dict) -> None:
-  """Writes workdir/config.json atomically (not at all if it already says the same)."""
-  config_path = path(workdir, CONFIG_FILE)
+def write_json(workdir: str, name: str, record: dict) -> None:
+  """Writes workdir/name (config.json, model.json) whole (not at all if it already says the
+  same: a rerun of a finished run, possibly from a read-only folder, writes nothing)."""
+  record_path = path(workdir, name)
   try:
-    if json.loads(storage.read_text(config_path)) == config_json:
-      return  # a rerun of a finished run, possibly from a read-only folder, writes nothing
+    if json.loads(storage.read_text(record_path)) == record:
+      return
   except (OSError, ValueError, UserError):
     pass
-  with fileio.atomic_open(config_path) as f:
-    json.dump(config_json, f, indent=2, sort_keys=True)
+  with fileio.atomic_open(record_path) as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+
+
+def model_record(model_cfg, centers: np.ndarray) -> dict:
+  """What model.json and every checkpoint's `extra` say of the weights: the model's shape and
+  the palette its tokens index."""
+  return {"model": model_cfg.to_dict(), "palette": palette.identity(centers)}
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -81,17 +88,13 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f"{config_path} is not valid JSON ({e}).") from e
 
 
-def read_palette(workdir: str) -> np.ndarray:
-  """The run's palette (float32 [k, 3])."""
-  palette_path = path(workdir, PALETTE_FILE)
-  if not storage.isfile(palette_path):
-    raise MissingFileError(f"{palette_path} does not exist: the run in {workdir!r} has no "
-                           "palette (was it started and killed before its first checkpoint?).")
-  return np.asarray(palette.load_palette(palette_path), np.float32)
-
-
-def checkpointer(workdir: str, keep: int = 1) -> Checkpointer:
-  """The run's checkpoint manager (keeps the newest `keep` steps when saving)."""
+def checkpointer(workdir: str, keep: int = 1, readable: bool = False) -> Checkpointer:
+  """The run's checkpoint manager (keeps the newest `keep` steps when saving). `readable`:
+  for a reader, which needs a run folder with checkpoints (and creates nothing)."""
+  if readable and not storage.isdir(path(workdir, CHECKPOINT_DIR)):
+    what = "has no checkpoints yet" if storage.isfile(path(workdir, CONFIG_FILE)) else (
+        "is not a run folder (train.py or igpt.import_openai makes one)")
+    raise MissingFileError(f"{workdir!r} {what}: no {path(workdir, CHECKPOINT_DIR)}.")
   return Checkpointer(path(workdir, CHECKPOINT_DIR), keep=keep)
 
 
@@ -115,18 +118,15 @@ def check_stored_config(workdir: str, config_json: dict, total_steps: int) -> No
   stored, source = None, None
   if storage.isdir(path(workdir, CHECKPOINT_DIR)):
     with checkpointer(workdir) as ckpt:
-      for step in reversed(ckpt.all_steps()):
-        try:
-          extra = ckpt.read_extra(step)
-          stored, source = extra["config"], f"checkpoint {step}"
-        except Exception:  # noqa: BLE001  (damaged: the restore sets it aside later)
-          continue
-        if step > total_steps:
-          raise workdirs.WorkdirError(
-              f"the run in {workdir} is at step {step}, past train.total_steps="
-              f"{total_steps}: there is nothing to train. Use a new --workdir for a "
-              f"{total_steps}-step run, or train.total_steps >= {step} to go on.")
-        break
+      # A damaged one is moved aside later, by the restore.
+      step, _, extra = ckpt.newest_that_reads(required_extra=("config",))
+    if step is not None:
+      stored, source = extra["config"], f"checkpoint {step}"
+      if step > total_steps:
+        raise workdirs.WorkdirError(
+            f"the run in {workdir} is at step {step}, past train.total_steps="
+            f"{total_steps}: there is nothing to train. Use a new --workdir for a "
+            f"{total_steps}-step run, or train.total_steps >= {step} to go on.")
   config_path = path(workdir, CONFIG_FILE)
   if storage.isfile(config_path):
     try:
@@ -147,34 +147,31 @@ def check_stored_config(workdir: str, config_json: dict, total_steps: int) -> No
     logging.info("Resuming %s with changed settings: %s.", workdir, "; ".join(safe))
 
 
-def choose_palette(spec, train_source, workdir: str) -> tuple[np.ndarray, str]:
-  """(the run's palette, what it is) without writing anything.
+def choose_palette(spec, train_source, workdir: str) -> tuple[np.ndarray, bool]:
+  """(the run's palette, whether it is new to the folder) without writing anything.
 
-  workdir/palette.npy if present (a resumed run), else `data.palette_path` as is, else fitted
-  on `data.palette_fit_pixels` training pixels (deterministic in `config.seed`). "what":
-  "stored", "given" or "fitted".
+  workdir/palette.npy if present (a resumed run; `data.palette_path`, if set, must hold the
+  same colours), else `data.palette_path`, else fitted on `data.palette_fit_pixels` training
+  pixels (deterministic in `config.seed`): `palette.load_or_fit` either way.
   """
-  palette_path = path(workdir, PALETTE_FILE)
-  data = spec.data
-  given, vocab_size = data.palette_path, spec.model.vocab_size
-  if storage.exists(palette_path):
-    centers = palette.load_palette(palette_path)
-    if given and not np.array_equal(palette.load_palette(given), centers):
+  stored, data, seed = path(workdir, PALETTE_FILE), spec.data, spec.config.seed
+  vocab_size = spec.model.vocab_size
+  if storage.exists(stored):
+    centers = palette.load_or_fit(vocab_size, stored)
+    if data.palette_path and not np.array_equal(palette.load_palette(data.palette_path),
+                                                centers):
       raise workdirs.WorkdirError(
-          f"{palette_path} (the run's palette) differs from data.palette_path={given!r}; "
+          f"{stored} (the run's palette) differs from data.palette_path={data.palette_path!r}; "
           "resume with the same palette or use a fresh workdir.")
-    logging.info("Palette: reusing %s (%d colours).", palette_path, len(centers))
-    how = "stored"
-  elif given:
-    centers, how = palette.load_palette(given), "given"
-  else:
-    t0 = time.time()
-    centers = pipeline.fit_palette(train_source, data.palette_size, data.palette_fit_pixels,
-                                   spec.config.seed)
-    logging.info("Palette: fitted %d colours on %d pixels in %.1fs.", len(centers),
-                 data.palette_fit_pixels, time.time() - t0)
-    how = "fitted"
-  palette.check_fits(centers, vocab_size, f"the palette {given or palette_path}")
+    logging.info("Palette: reusing %s (%d colours).", stored, len(centers))
+    return centers, False
+  t0 = time.time()
+  centers = palette.load_or_fit(
+      vocab_size, data.palette_path, k=data.palette_size, seed=seed, what="data.palette_path",
+      pixels=lambda: pipeline.sample_pixels(train_source, data.palette_fit_pixels, seed))
+  logging.info("Palette: %s %d colours%s.", "read" if data.palette_path else "fitted",
+               len(centers), f" from {data.palette_path}" if data.palette_path else
+               f" on {data.palette_fit_pixels} pixels in {time.time() - t0:.1f}s")
   if len(centers) < vocab_size:
     # The rule for every entry point: tokens past the palette never occur in the data and
     # are never drawn (sampling keeps to the palette's colours).
@@ -182,24 +179,41 @@ def choose_palette(spec, train_source, workdir: str) -> tuple[np.ndarray, str]:
                     "occur, and sampling draws only the palette's colours (set "
                     "data.palette_size=%d to drop them).", len(centers), vocab_size,
                     len(centers), vocab_size - 1, len(centers))
-  return np.asarray(centers, np.float32), how
+  return centers, True
 
 
-def prepare_palette(spec, train_source, workdir: str) -> np.ndarray:
-  """The run's palette (`choose_palette`), stored as workdir/palette.npy so a resumed run
-  encodes the same way."""
-  centers, how = choose_palette(spec, train_source, workdir)
-  _store_palette(workdir, centers, how)
-  return centers
-
-
-def _store_palette(workdir: str, centers: np.ndarray, how: str) -> None:
-  if how == "stored":
-    return
+def store_palette(workdir: str, centers: np.ndarray) -> None:
+  """Saves the run's palette as workdir/palette.npy (whole), so a resumed run, sampling and
+  probing encode the same way."""
   storage.makedirs(workdir)
-  palette.save_palette(path(workdir, PALETTE_FILE), centers)  # atomic: never half a file
-  logging.info("Palette: %s %d colours, saved to %s.", how, len(centers),
-               path(workdir, PALETTE_FILE))
+  palette.save_palette(path(workdir, PALETTE_FILE), centers)
+  logging.info("Palette: saved to %s.", path(workdir, PALETTE_FILE))
+
+
+def open_data(spec) -> tuple:
+  """The run's (train, val) sources, their first batches read once (an unreadable image there
+  stops a new run before its folder exists); a classifier head must have a class for every
+  label."""
+  sources = tuple(readers.make_source(spec.data, split, spec.model.image_side)
+                  for split in ("train", "val"))
+  train_source, val_source = sources
+  batch_size = spec.train.batch_size
+  for source, indices in (
+      (train_source, pipeline.batch_indices_at(len(train_source), 0, batch_size,
+                                               spec.config.seed)),
+      (val_source, np.arange(min(batch_size, len(val_source))))):
+    (source.get_tokens if hasattr(source, "get_tokens") else source.get)(indices)
+  if spec.objective.has_head:
+    for source in sources:
+      if source.num_classes is None:
+        raise UserError(f"objective={spec.objective.name!r} needs labelled data, but "
+                        f"{source.description} has no labels.")
+      if source.num_classes > spec.objective.num_classes:
+        raise UserError(
+            f"finetune.num_classes={spec.objective.num_classes} but {source.description} "
+            f"has {source.num_classes} classes (labels 0-{source.num_classes - 1}); set "
+            f"--config.finetune.num_classes={source.num_classes}.")
+  return sources
 
 
 class TrainingRun:
@@ -213,6 +227,7 @@ class TrainingRun:
     self.ckpt, self._read_only = ckpt, read_only
     self.is_writer = jax.process_index() == 0
     self.config_json = spec.to_json()
+    self.model_record = model_record(spec.model, centers)
     self.metrics = metrics.MetricsWriter(path(workdir, METRICS_FILE), enabled=self.is_writer)
     self.profile_dir = path(workdir, PROFILE_DIR)
     self._tensorboard = None
@@ -222,16 +237,11 @@ class TrainingRun:
 
     Damaged checkpoints are moved aside; one made with another model or data stops the run.
     """
-    def check_extra(step: int, extra: dict) -> None:
-      workdirs.check_identity(extra["config"], self.config_json, self.workdir,
-                              f"checkpoint {step}")
-
-    saved, state, extra = workdirs.restore_newest(self.ckpt, abstract_state, check_extra,
-                                                  logging.info)
+    saved, state, extra = self.ckpt.newest_that_reads(
+        abstract_state, damaged="move", check_extra=self._check_identity,
+        required_extra=("data", "config"))
     if saved is None:
-      folder = self.ckpt.directory
-      damaged = sorted(n for n in (storage.listdir(folder) if storage.isdir(folder) else [])
-                       if ".damaged" in n)
+      damaged = self.ckpt.damaged_steps()
       if damaged:  # starting over silently would throw the run away
         raise workdirs.WorkdirError(
             f"no checkpoint in {self.ckpt.directory} reads: the damaged ones are set aside as "
@@ -244,6 +254,10 @@ class TrainingRun:
                       f"{int(jax.device_get(state['step']))}, data position {start_step}.")
     logging.info("Resumed from checkpoint step %d in %s.", saved, self.ckpt.directory)
     return start_step, state, extra
+
+  def _check_identity(self, step: int, extra: dict) -> None:
+    workdirs.check_identity(extra["config"], self.config_json, self.workdir,
+                            f"checkpoint {step}")
 
   def begin(self, start_step: int) -> None:
     """Called before the first write: only a finished run can be evaluated from a read-only
@@ -262,14 +276,15 @@ class TrainingRun:
     return storage.join(path(self.workdir, SAMPLES_DIR), f"step_{step:07d}.png")
 
   def save(self, step: int, state, extra: dict) -> None:
-    """Starts saving checkpoint `step` (it finishes in the background), with every record
-    logged so far (an object store gets them now, not at the next periodic upload)."""
+    """Starts saving checkpoint `step` (it finishes in the background) with the model's shape
+    and palette beside the weights, and every record logged so far (an object store gets them
+    now, not at the next periodic upload)."""
     self.check_saves()
     self.metrics.flush(force=True)
     if self._tensorboard is not None:
       self._tensorboard.sync(force=True)
     try:
-      self.ckpt.save(step, state, extra)
+      self.ckpt.save(step, state, {**extra, **self.model_record})
     except Exception as e:
       self._on_save_error(e)
       raise
@@ -293,22 +308,24 @@ class TrainingRun:
 
 
 @contextlib.contextmanager
-def open_for_training(spec, workdir: str, open_data):
+def open_for_training(spec, workdir: str):
   """Opens `workdir` for training the checked `spec`; yields a `TrainingRun`.
 
-  `open_data()` -> the run's (train, val) sources: for a new run it is called before the
+  JAX's compilation cache is on first (`train.compile_cache_dir`). The run's data
+  (`open_data`) and palette are read before anything is written: for a new run before the
   folder is created, so a missing dataset leaves nothing behind. The folder is locked for the
   block (a second run on it fails at once; a read-only copy of a finished run can still be
   evaluated). A run already in the folder must have the same model and data (checked before
   anything is written). A refused write anywhere in the block (disk full, read-only,
   permission) raises workdir.WorkdirError naming the path.
   """
+  compile_cache.enable(spec.train.compile_cache_dir)  # before anything compiles
   is_writer = jax.process_index() == 0
   chosen = None
   if not storage.exists(workdir):
     # A new run: its data and palette are read before the folder exists, so a missing or
     # unreadable dataset (or palette) leaves nothing behind.
-    data = open_data()
+    data = open_data(spec)
     chosen = choose_palette(spec, data[0], workdir) if is_writer else None
   lock = (workdirs.lock(workdir, LOCK_FILE, required=False) if is_writer
           else contextlib.nullcontext(None))
@@ -317,11 +334,14 @@ def open_for_training(spec, workdir: str, open_data):
       config_json = spec.to_json()
       check_stored_config(workdir, config_json, spec.train.total_steps)
       if chosen is None:
-        data = open_data()  # readable before any write
+        data = open_data(spec)  # readable before any write
         chosen = choose_palette(spec, data[0], workdir) if is_writer else None
       if is_writer:
-        write_config(workdir, config_json)
-        _store_palette(workdir, *chosen)
+        centers, is_new = chosen
+        write_json(workdir, CONFIG_FILE, config_json)
+        write_json(workdir, MODEL_FILE, model_record(spec.model, centers))
+        if is_new:
+          store_palette(workdir, centers)
       # Batches are a pure function of (seed, step) and this palette: resuming is exact.
       centers = distributed.broadcast_rows_from_process_0(chosen[0] if chosen else None, 3)
       # Closing waits for in-flight async saves, so the last good checkpoint is complete even

@@ -2,6 +2,8 @@
 
 - `Settings`: temperature, top-k, top-p (nucleus) and greedy, checked by `Settings.check`.
 - `filter_logits` / `sample_token`: the controls applied to one position's logits.
+- `sample_many(cfg, params, prompts_BxN, settings, seed, batch_size)`: any number of prompts
+  in fixed-size batches over every device, with a progress line (what sample.py runs).
 - `sample(cfg, params, prompt_BxN, rng, settings, ...)`: completes every image after its
   prompt (its tokens checked by `check_prompt`) or from nothing and returns the tokens
   [B, L]. The prompt goes through the model in one pass (prefill); then every remaining
@@ -20,11 +22,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from igpt import model, sharding
@@ -50,7 +54,7 @@ class Settings:
   greedy: bool = False  # always the most likely token (argmax)
 
   def check(self, vocab_size: int | None = None) -> "Settings":
-    """Returns self; a ValueError naming the bad setting otherwise."""
+    """Returns self; a UserError naming the bad setting otherwise."""
     if not self.greedy and not self.temperature > 0:
       raise UserError(f"temperature={self.temperature} must be > 0 (or set greedy=True for "
                       "the most likely token).")
@@ -63,24 +67,33 @@ class Settings:
     return self
 
 
-def filter_logits(logits_BxV, settings: Settings):
-  """Temperature-scaled float32 logits with tokens outside top-k / top-p set to -inf."""
-  logits_BxV = logits_BxV.astype(jnp.float32) / settings.temperature
+def filter_logits(logits_BxV, temperature, top_k, top_p):
+  """Temperature-scaled float32 logits with tokens outside top-k / top-p set to -inf.
+
+  The controls are Python numbers (a `Settings`': a filter that is off is not traced at all)
+  or traced arrays (the demo's per-request controls, where top_k 0 and top_p 1 keep every
+  token); the kept tokens are the same either way. Ties at the k-th logit and at the top-p
+  threshold are kept.
+  """
+  logits_BxV = logits_BxV.astype(jnp.float32) / temperature
   vocab = logits_BxV.shape[-1]
-  if 0 < settings.top_k < vocab:
-    kth_Bx1 = jax.lax.top_k(logits_BxV, settings.top_k)[0][:, -1:]
-    logits_BxV = jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
-  if settings.top_p < 1:
-    # Tokens sorted by probability: keep each one whose more likely predecessors hold less
-    # than p of the mass, i.e. the smallest prefix whose mass reaches p. The last kept
-    # logit is the threshold (ties at it are kept too).
-    sorted_BxV = jax.lax.top_k(logits_BxV, vocab)[0]
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    kept_Bx1 = jnp.sum(before_BxV < settings.top_p, axis=-1, keepdims=True)
-    threshold_Bx1 = jnp.take_along_axis(sorted_BxV, kept_Bx1 - 1, axis=-1)
-    logits_BxV = jnp.where(logits_BxV >= threshold_Bx1, logits_BxV, -jnp.inf)
-  return logits_BxV
+  traced = isinstance(top_k, jax.Array) or isinstance(top_p, jax.Array)
+  if not traced and not 0 < top_k < vocab and top_p >= 1:
+    return logits_BxV  # nothing to filter: no sort inside the decode loop
+  sorted_BxV = jax.lax.top_k(logits_BxV, vocab)[0]
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+  kth_Bx1 = jax.lax.dynamic_slice_in_dim(sorted_BxV, k - 1, 1, axis=1)
+  logits_BxV = jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
+  # Tokens sorted by probability, after top-k: keep each one whose more likely predecessors
+  # hold less than p of the mass, i.e. the smallest prefix whose mass reaches p. The last
+  # kept logit is the threshold.
+  sorted_BxV = jnp.where(sorted_BxV >= kth_Bx1, sorted_BxV, -jnp.inf)
+  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+  before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+  kept_Bx1 = jnp.sum(before_BxV < top_p, axis=-1, keepdims=True)
+  threshold_Bx1 = jnp.take_along_axis(sorted_BxV, kept_Bx1 - 1, axis=-1)
+  threshold_Bx1 = jnp.where(top_p < 1, threshold_Bx1, -jnp.inf)
+  return jnp.where(logits_BxV >= threshold_Bx1, logits_BxV, -jnp.inf)
 
 
 def gumbel_noise(rng, batch: int, vocab_size: int, begin: int, end: int):
@@ -104,7 +117,8 @@ def sample_token(logits_BxV, gumbel_BxV, settings: Settings):
   """
   if settings.greedy:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  return jnp.argmax(filter_logits(logits_BxV, settings) + gumbel_BxV, axis=-1).astype(jnp.int32)
+  filtered_BxV = filter_logits(logits_BxV, settings.temperature, settings.top_k, settings.top_p)
+  return jnp.argmax(filtered_BxV + gumbel_BxV, axis=-1).astype(jnp.int32)
 
 
 def segment_ends(seq_len: int, segment_len: int | None = None) -> list[int]:
@@ -153,11 +167,11 @@ def _segment(cfg: ModelConfig, params, cache, tokens_BxL, rng, start, begin: int
   `begin` <= start is the segment's static first position (start is later when a prompt
   ends inside the segment): the noise is drawn for [begin, stop).
   """
-  cache = model.pad_cache(cache, stop)
-  noise_SxBxV = gumbel_noise(rng, tokens_BxL.shape[0], cfg.vocab_size, begin, stop)
-  params = model.decode_params(params)  # once per segment, not per step
   choose = lambda logits_BxV, gumbel_BxV: sample_token(logits_BxV, gumbel_BxV, settings)
-  return decode_loop(cfg, params, cache, tokens_BxL, noise_SxBxV, begin, start, stop, choose)
+  noise_SxBxV = gumbel_noise(rng, tokens_BxL.shape[0], cfg.vocab_size, begin, stop)
+  # The fused q|k|v weights are made once per segment, not per step.
+  return decode_loop(cfg, model.decode_params(params), model.pad_cache(cache, stop), tokens_BxL,
+                     noise_SxBxV, begin, start, stop, choose)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,3 +273,52 @@ def sample(cfg: ModelConfig, params, prompt_BxN, rng, settings: Settings = Setti
       tokens_BxL.block_until_ready()
       progress(stop, length)
   return tokens_BxL
+
+
+class _Progress:
+  """Logs pixels sampled, tokens/s and ETA over all batches of a run."""
+
+  def __init__(self, total_pixels: int, num_prompt: int):
+    self.total, self.num_prompt = total_pixels, num_prompt
+    self.t0 = time.perf_counter()
+    self.last = -1
+
+  def batch(self, base: int, num_images: int):
+    """The sampler's callback for a batch of `num_images` real images after `base` pixels."""
+    def report(done, length):
+      del length
+      pixels = base + (done - self.num_prompt) * num_images
+      if pixels == self.last:  # a batch's start repeats the previous batch's end
+        return
+      self.last = pixels
+      elapsed = time.perf_counter() - self.t0
+      rate = pixels / elapsed if elapsed > 0 else 0.0
+      eta = f"{(self.total - pixels) / rate:.0f}s" if rate else "?"
+      logging.info("sampled %d/%d pixels | %.0f tokens/s | ETA %s", pixels, self.total, rate, eta)
+    return report
+
+
+def sample_many(cfg: ModelConfig, params, prompts_BxN: np.ndarray, settings: Settings,
+                seed: int, batch_size: int, segment_len: int | None = None) -> np.ndarray:
+  """Tokens [B, L] for every prompt row (N may be 0), `batch_size` rows at a time, with a
+  progress line (pixels, tokens/s, ETA) as it goes.
+
+  Batch i draws from `fold_in(key(seed), i)`; the last batch is padded to full size so the
+  sampler compiles once. The batch is split over all devices (rounded up to fit them).
+  """
+  devices = jax.devices()
+  total, num_prompt = prompts_BxN.shape
+  batch_size = math.ceil(min(batch_size, total) / len(devices)) * len(devices)
+  mesh = batch_mesh(devices) if len(devices) > 1 else None
+  new_pixels = cfg.seq_len - num_prompt
+  progress = _Progress(total * new_pixels, num_prompt)
+  out = []
+  for i, start in enumerate(range(0, total, batch_size)):
+    chunk = prompts_BxN[start:start + batch_size]
+    report = progress.batch(start * new_pixels, len(chunk))
+    padded = np.pad(chunk, ((0, batch_size - len(chunk)), (0, 0)))
+    rng = jax.random.fold_in(jax.random.key(seed), i)
+    tokens = sample(cfg, params, padded, rng, settings, segment_len=segment_len, mesh=mesh,
+                    progress=report)
+    out.append(np.asarray(tokens)[:len(chunk)])
+  return np.concatenate(out)

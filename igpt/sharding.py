@@ -101,6 +101,25 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
                        devices=devices)
 
 
+def check_batch_layout(batch_size: int, grad_accum_steps: int, sizes: dict,
+                       process_count: int) -> None:
+  """A UserError unless every device gets whole micro-batches of the global batch and every
+  process its own rows of it."""
+  dp = data_parallel_size(sizes)
+  if batch_size % (dp * grad_accum_steps):
+    raise UserError(
+        f"train.batch_size={batch_size} is not divisible by the data-parallel size "
+        f"(mesh data x fsdp = {sizes['data']} x {sizes['fsdp']} = {dp}) times "
+        f"train.grad_accum_steps={grad_accum_steps}; each device needs a whole micro-batch.")
+  if batch_size % process_count:
+    raise UserError(f"train.batch_size={batch_size} is not divisible by the {process_count} "
+                    "processes.")
+  if process_count > 1 and dp % process_count:
+    raise UserError(
+        f"the data-parallel size {dp} must be a multiple of the {process_count} processes, "
+        "so every process feeds its own rows of the batch.")
+
+
 def data_parallel_size(mesh_or_sizes) -> int:
   """How many ways the batch is split (data x fsdp)."""
   sizes = mesh_or_sizes.shape if isinstance(mesh_or_sizes, Mesh) else mesh_or_sizes

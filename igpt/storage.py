@@ -1,6 +1,6 @@
 """Paths that may be local or in object storage (`gs://bucket/...`, `s3://bucket/...`).
 
-Local paths go to `os` exactly as before. URLs go to fsspec (gcsfs for `gs://`, s3fs for
+Local paths go to `os` unchanged. URLs go to fsspec (gcsfs for `gs://`, s3fs for
 `s3://`: the `[gcs]` and `[s3]` extras), which finds credentials and endpoints the standard
 way: Google's default credentials and `STORAGE_EMULATOR_HOST`; AWS's credential chain and
 `AWS_ENDPOINT_URL`. An object store has no rename, append or lock, and a "folder" is only a

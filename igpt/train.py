@@ -9,12 +9,12 @@ train state (restored, or born sharded), the compiled step, and a loop of steps 
 actions (`igpt.train_actions`: log, eval, samples, checkpoint, profile).
 
 Pieces the benchmark and tests reuse:
-  - `Trainer.build(spec, mesh)`: the run's objects (model config, objective, optimiser,
-    schedule, sharding rules, mesh), built once and passed to everything below.
-  - `create_train_state(trainer, rng) -> (state, state_shardings)`; the state is the plain
+  - `TrainSetup.build(spec, mesh)`: what the steps are built from (model config, objective,
+    optimiser, schedule, sharding rules, mesh), made once and passed to everything below.
+  - `create_train_state(setup, rng) -> (state, state_shardings)`; the state is the plain
     dict {'params', 'opt', 'step'}, created directly with its final shardings.
-  - `abstract_train_state(trainer) -> (abstract_state, state_shardings)` for restores.
-  - `make_train_step(trainer, state_shardings)` -> jitted, state-donating
+  - `abstract_train_state(setup) -> (abstract_state, state_shardings)` for restores.
+  - `make_train_step(setup, state_shardings)` -> jitted, state-donating
     `step(state, batch, rng) -> (state, metrics)`.
 """
 
@@ -28,14 +28,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 
 from igpt import (compile_cache, distributed, evaluation, guards, metrics, objectives, optim,
                   pipeline, prefetch, preemption, readers, run, sharding, spec as spec_lib,
                   train_actions, train_samples, trained)
-from igpt.errors import UserError
 from igpt.model import ModelConfig
 
 
@@ -44,8 +42,8 @@ from igpt.model import ModelConfig
 # ----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Trainer:
-  """Everything the step builders need, derived once from the run config."""
+class TrainSetup:
+  """What the train and eval steps are built from, derived once from the run spec."""
 
   model_cfg: ModelConfig
   objective: objectives.Objective  # configured (mask rate, classes)
@@ -56,7 +54,7 @@ class Trainer:
   grad_accum_steps: int
 
   @classmethod
-  def build(cls, spec: spec_lib.RunSpec, mesh) -> "Trainer":
+  def build(cls, spec: spec_lib.RunSpec, mesh) -> "TrainSetup":
     config = spec.config
     schedule = optim.learning_rate_schedule(config.optim, config.train.total_steps)
     return cls(model_cfg=spec.model, objective=spec.objective,
@@ -68,22 +66,22 @@ class Trainer:
 # Train state: {'params', 'opt', 'step'}, born sharded.
 # ----------------------------------------------------------------------------------------
 
-def _init_state(trainer: Trainer, rng) -> dict:
-  params = trainer.objective.init_params(trainer.model_cfg, rng)
-  return {"params": params, "opt": trainer.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+def _init_state(setup: TrainSetup, rng) -> dict:
+  params = setup.objective.init_params(setup.model_cfg, rng)
+  return {"params": params, "opt": setup.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def abstract_train_state(trainer: Trainer) -> tuple[Any, Any]:
+def abstract_train_state(setup: TrainSetup) -> tuple[Any, Any]:
   """Shapes and shardings of the train state, without allocating it.
 
   Returns (abstract_state: ShapeDtypeStructs with `.sharding`, state_shardings). Params follow
   the logical-axis rules; Adam's moments mirror their param; counters are replicated.
   """
-  mesh, tx = trainer.mesh, trainer.tx
-  shapes = jax.eval_shape(lambda: _init_state(trainer, jax.random.key(0)))
+  mesh, tx = setup.mesh, setup.tx
+  shapes = jax.eval_shape(lambda: _init_state(setup, jax.random.key(0)))
   param_shardings = sharding.logical_to_shardings(
-      trainer.objective.param_axes(trainer.model_cfg), shapes["params"],
-      mesh, trainer.rules)
+      setup.objective.param_axes(setup.model_cfg), shapes["params"],
+      mesh, setup.rules)
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, shapes["opt"], param_shardings,
       transform_non_params=lambda _: sharding.replicated(mesh),
@@ -95,16 +93,16 @@ def abstract_train_state(trainer: Trainer) -> tuple[Any, Any]:
   return abstract, shardings
 
 
-def create_train_state(trainer: Trainer, rng, shardings=None) -> tuple[dict, Any]:
-  """A fresh train state laid out on the trainer's mesh: (state, state_shardings).
+def create_train_state(setup: TrainSetup, rng, shardings=None) -> tuple[dict, Any]:
+  """A fresh train state laid out on the setup's mesh: (state, state_shardings).
 
   Init runs under `jax.jit(out_shardings=...)`, so each device only ever materialises its own
   shard of every param and optimiser moment (no full copy on any one device or host).
   `shardings`: `abstract_train_state`'s, when the caller has them already.
   """
   if shardings is None:
-    _, shardings = abstract_train_state(trainer)
-  init = jax.jit(lambda r: _init_state(trainer, r), out_shardings=shardings)
+    _, shardings = abstract_train_state(setup)
+  init = jax.jit(lambda r: _init_state(setup, r), out_shardings=shardings)
   return init(rng), shardings
 
 
@@ -112,17 +110,17 @@ def create_train_state(trainer: Trainer, rng, shardings=None) -> tuple[dict, Any
 # Update and eval steps.
 # ----------------------------------------------------------------------------------------
 
-def _batch_loss(trainer: Trainer):
+def _batch_loss(setup: TrainSetup):
   """loss(params, batch) -> scalar: the objective's weighted mean per-example loss."""
 
   def loss(params, batch):
-    per_example_B, weight_B = trainer.objective.loss(trainer.model_cfg, params, batch)
+    per_example_B, weight_B = setup.objective.loss(setup.model_cfg, params, batch)
     return objectives.weighted_mean(per_example_B, weight_B)
 
   return loss
 
 
-def make_train_step(trainer: Trainer, state_shardings):
+def make_train_step(setup: TrainSetup, state_shardings):
   """The jitted update: `step(state, batch, rng) -> (new_state, metrics)`.
 
   `batch` holds the objective's keys (int32 'tokens' [global_batch, seq_len], ...) sharded
@@ -133,8 +131,8 @@ def make_train_step(trainer: Trainer, state_shardings):
   whose gradients are averaged. metrics: loss (nats/token, mean over the batch), grad_norm
   (before clipping), param_norm (after the update), lr (used by this update), float32 scalars.
   """
-  mesh, tx, accum = trainer.mesh, trainer.tx, trainer.grad_accum_steps
-  loss_and_grad = jax.value_and_grad(_batch_loss(trainer))
+  mesh, tx, accum = setup.mesh, setup.tx, setup.grad_accum_steps
+  loss_and_grad = jax.value_and_grad(_batch_loss(setup))
   micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
       None, sharding.BATCH_AXES))
 
@@ -147,9 +145,9 @@ def make_train_step(trainer: Trainer, state_shardings):
 
   def step(state, batch, rng):
     # Linen's logical constraints need the mesh and the rules while tracing.
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(trainer.rules):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(setup.rules):
       params = state["params"]
-      batch = trainer.objective.prepare_batch(batch, rng)
+      batch = setup.objective.prepare_batch(batch, rng)
       if accum == 1:
         loss, grads = loss_and_grad(params, batch)
       else:
@@ -167,7 +165,7 @@ def make_train_step(trainer: Trainer, state_shardings):
     new_state = {"params": params, "opt": opt, "step": state["step"] + 1}
     step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                     "param_norm": optax.tree.norm(params),
-                    "lr": jnp.asarray(trainer.schedule(state["step"]), jnp.float32)}
+                    "lr": jnp.asarray(setup.schedule(state["step"]), jnp.float32)}
     return new_state, step_metrics
 
   replicated = sharding.replicated(mesh)
@@ -187,7 +185,7 @@ def run_rngs(seed: int):
 
 
 # ----------------------------------------------------------------------------------------
-# The trainer.
+# The setup.
 # ----------------------------------------------------------------------------------------
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -199,51 +197,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   a read-only folder. A bad config fails before the workdir is even created.
   """
   distributed.maybe_initialize(config)  # every process sees the global devices from here
-  spec = spec_lib.resolve(config)
-  compile_cache.enable(spec.train.compile_cache_dir)  # before anything compiles
-  with run.open_for_training(spec, workdir, lambda: open_data(spec)) as folder:
-    return train(spec, folder)
-
-
-def open_data(spec: spec_lib.RunSpec) -> tuple:
-  """The run's (train, val) sources, their first batches read once (an unreadable image there
-  stops a new run before its folder exists); a classifier head must have a class for every
-  label."""
-  sources = tuple(readers.make_source(spec.data, split, spec.model.image_side)
-                  for split in ("train", "val"))
-  train_source, val_source = sources
-  batch_size = spec.train.batch_size
-  for source, indices in (
-      (train_source, pipeline.batch_indices_at(len(train_source), 0, batch_size,
-                                               spec.config.seed)),
-      (val_source, np.arange(min(batch_size, len(val_source))))):
-    (source.get_tokens if hasattr(source, "get_tokens") else source.get)(indices)
-  if spec.objective.has_head:
-    for source in sources:
-      if source.num_classes is None:
-        raise UserError(f"objective={spec.objective.name!r} needs labelled data, but "
-                        f"{source.description} has no labels.")
-      if source.num_classes > spec.objective.num_classes:
-        raise UserError(
-            f"finetune.num_classes={spec.objective.num_classes} but {source.description} "
-            f"has {source.num_classes} classes (labels 0-{source.num_classes - 1}); set "
-            f"--config.finetune.num_classes={source.num_classes}.")
-  return sources
+  init_from = config.get("init_from")
+  spec = spec_lib.resolve(config, pretrained=trained.pretrained(init_from) if init_from else None)
+  with run.open_for_training(spec, workdir) as training_run:
+    return train(spec, training_run)
 
 
 class TrainData:
   """The run's training batches and fixed evaluation batches, as global arrays on the mesh."""
 
-  def __init__(self, spec: spec_lib.RunSpec, folder, mesh):
-    self.spec, self.mesh, self.palette = spec, mesh, folder.palette
-    self.train_source, self.val_source = folder.data
+  def __init__(self, spec: spec_lib.RunSpec, training_run: run.TrainingRun, mesh):
+    self.spec, self.mesh, self.palette = spec, mesh, training_run.palette
+    self.train_source, self.val_source = training_run.data
     self.keys = spec.objective.batch_keys
     self.eval = evaluation.eval_batches(self.val_source, self.palette, mesh,
                                         spec.train.batch_size, spec.train.eval_batches)
 
   def batch_at(self, step: int) -> dict:
-    t = self.spec.train
-    local = pipeline.batch_at(self.train_source, self.palette, step, t.batch_size,
+    local = pipeline.batch_at(self.train_source, self.palette, step, self.spec.train.batch_size,
                               self.spec.config.seed, jax.process_index(), jax.process_count(),
                               augment=self.spec.data.augment)
     return sharding.global_batch({k: local[k] for k in self.keys}, self.mesh)
@@ -258,80 +229,81 @@ def init_from(state: dict, state_shardings, workdir: str, mesh) -> dict:
   return {**state, "params": params}
 
 
-def train(spec: spec_lib.RunSpec, folder: run.TrainingRun) -> dict:
+def train(spec: spec_lib.RunSpec, training_run: run.TrainingRun) -> dict:
   """The run in an open run folder: state, compiled step, then steps plus periodic actions."""
-  t = spec.train
+  train_cfg = spec.train
   mesh = sharding.make_mesh(spec.config.mesh)
-  trainer = Trainer.build(spec, mesh)
+  setup = TrainSetup.build(spec, mesh)
   logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind, jax.process_count())
   init_rng, step_rng, eval_rng = run_rngs(spec.config.seed)
-  abstract_state, state_shardings = abstract_train_state(trainer)
-  start_step, state, extra = folder.restore(abstract_state)
+  abstract_state, state_shardings = abstract_train_state(setup)
+  start_step, state, extra = training_run.restore(abstract_state)
   if state is None:
-    state, _ = create_train_state(trainer, init_rng, state_shardings)
+    state, _ = create_train_state(setup, init_rng, state_shardings)
     if spec.config.init_from:
       state = init_from(state, state_shardings, spec.config.init_from, mesh)
   guard = guards.DivergenceGuard(spec.config.guard, extra.get("guard"))
   guard.set_initial_param_norm(float(optax.tree.norm(state["params"])))
-  folder.begin(start_step)
+  training_run.begin(start_step)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info("Model: %s, %s params, objective %s, attention kernel %s.", spec.model,
                f"{n_params:,}", spec.objective.name, spec.attention)
 
-  data = TrainData(spec, folder, mesh)
-  evaluate = evaluation.Evaluation(trainer, state_shardings["params"], data.eval, eval_rng)
-  if start_step >= t.total_steps:  # a finished run: report its eval; no compile, no writes
+  data = TrainData(spec, training_run, mesh)
+  evaluate = evaluation.Evaluation(setup, state_shardings["params"], data.eval, eval_rng)
+  if start_step >= train_cfg.total_steps:  # a finished run: report its eval; no compile, no writes
     return {"step": start_step, **evaluate(state["params"])}
   with contextlib.ExitStack() as stack:
     # Batches are made ahead on worker threads; the batch of a step never changes.
     batches = stack.enter_context(prefetch.Prefetcher(
-        data.batch_at, start_step, t.total_steps, spec.data.num_workers,
+        data.batch_at, start_step, train_cfg.total_steps, spec.data.num_workers,
         spec.data.prefetch_batches or None))
     batch = batches.get(start_step)
     with compile_cache.watch() as compiled:
-      train_step = make_train_step(trainer, state_shardings).lower(state, batch,
-                                                                   step_rng).compile()
+      train_step = make_train_step(setup, state_shardings).lower(state, batch,
+                                                                 step_rng).compile()
     logging.info("Compiled the train step in %s.", compile_cache.describe(compiled))
     metrics.log_memory(train_step)
     batches.take_wait_stats()  # the first batch waited for the compile, not the loop for it
 
     # The report's writers are closed however the loop ends (a stop, a divergence, an error),
     # so nothing it logged is lost with the process.
-    report = stack.enter_context(contextlib.closing(train_actions.Report(folder, start_step)))
+    report = stack.enter_context(contextlib.closing(train_actions.Report(training_run,
+                                                                         start_step)))
     window = train_actions.MetricsWindow(guard, start_step if extra else None)
     clock = train_actions.Clock(start_step)
-    best = folder.best() if spec.objective.keep_best_by else None
-    save = train_actions.SaveCheckpoint(t.checkpoint_every_steps, folder, spec.config.seed,
-                                        guard, window)
+    best = training_run.best() if spec.objective.keep_best_by else None
+    save = train_actions.SaveCheckpoint(train_cfg.checkpoint_every_steps, training_run,
+                                        spec.config.seed, guard, window)
     actions = [
-        train_actions.LogProgress(t.log_every_steps, t.total_steps, window, clock, report,
-                                  metrics.Throughput.of(spec.model, t.batch_size, mesh.size,
-                                                        t.peak_flops_per_device),
+        train_actions.LogProgress(train_cfg.log_every_steps, train_cfg.total_steps, window, clock, report,
+                                  metrics.Throughput.of(spec.model, train_cfg.batch_size, mesh.size,
+                                                        train_cfg.peak_flops_per_device),
                                   batches, spec.data.num_workers),
-        train_actions.Evaluate(t.eval_every_steps, evaluate, report, best,
+        train_actions.Evaluate(train_cfg.eval_every_steps, evaluate, report, best,
                                spec.objective.keep_best_by),
-        *([train_actions.DrawSamples(t.sample_every_steps, train_samples.TrainingSamples(
-            spec.model, folder.palette, data.val_source, t.sample_num_images,
-            spec.config.seed), folder, report)] if t.sample_every_steps else []),
+        *([train_actions.DrawSamples(train_cfg.sample_every_steps, train_samples.TrainingSamples(
+            spec.model, training_run.palette, data.val_source, train_cfg.sample_num_images,
+            spec.config.seed), training_run, report)] if train_cfg.sample_every_steps else []),
         save,
     ]
-    profiler = train_actions.Profiler(t.profile_start_step, t.profile_num_steps,
-                                      folder.profile_dir)
+    profiler = train_actions.Profiler(train_cfg.profile_start_step, train_cfg.profile_num_steps,
+                                      training_run.profile_dir)
     stack.enter_context(jax.set_mesh(mesh))
     notice = stack.enter_context(preemption.Notice())
-    for step in range(start_step, t.total_steps):
+    for step in range(start_step, train_cfg.total_steps):
       profiler.before(step)
       state, step_metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
       profiler.after(step, state)
-      folder.check_saves()  # a failed background save (a full disk) stops the run here
+      training_run.check_saves()  # a failed background save (a full disk) stops the run here
       done = step + 1  # steps completed == the state's step counter
       window.add(done, step_metrics)
-      if done < t.total_steps:
+      if done < train_cfg.total_steps:
         batch = batches.get(done)  # made ahead while the device ran the steps before
-      train_actions.run_due(actions, window, clock, report, done, t.total_steps, state)
-      if done < t.total_steps and notice.stop_at(done):  # the same step on every process
-        train_actions.stop_for_preemption(save, window, folder, done, state)
+      train_actions.run_due(actions, window, clock, report, done, train_cfg.total_steps, state)
+      if done < train_cfg.total_steps and notice.stop_at(done):  # the same step on every process
+        train_actions.stop_for_preemption(save, window, training_run, done, state)
   if best is not None:
     report.final.update(test_accuracy(spec, evaluate, best, abstract_state["params"], data))
   return report.final

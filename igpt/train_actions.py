@@ -4,7 +4,7 @@
     for step ...:
       state, step_metrics = train_step(...)
       window.add(done, step_metrics)
-      run_due(actions, window, done, state)
+      run_due(actions, window, clock, report, done, total_steps, state)
 
 An action runs every `every_steps` steps and at the last step. Step metrics stay on device
 until an action is due (so dispatch runs ahead); then every queued step is checked by the
@@ -28,10 +28,10 @@ from igpt import errors, fileio, losses, metrics, prefetch, storage
 class Report:
   """The run's latest numbers (what `train_and_evaluate` returns) and its record writers."""
 
-  def __init__(self, folder, start_step: int):
+  def __init__(self, training_run, start_step: int):
     self.final: dict = {"step": start_step}
-    self.metrics = folder.metrics
-    self.tensorboard = folder.tensorboard(start_step)
+    self.metrics = training_run.metrics
+    self.tensorboard = training_run.tensorboard(start_step)
 
   def write(self, step: int, values: dict, prefix: str) -> None:
     self.metrics.write(step, **values)
@@ -160,15 +160,16 @@ class Evaluate(Action):
 class DrawSamples(Action):
   """The run's fixed-seed sample picture, to samples/ and TensorBoard."""
 
-  def __init__(self, every_steps: int, samples, folder, report: Report):
-    self.every_steps, self.samples, self.folder, self.report = every_steps, samples, folder, report
+  def __init__(self, every_steps: int, samples, training_run, report: Report):
+    self.every_steps, self.samples, self.report = every_steps, samples, report
+    self.training_run = training_run
 
   def __call__(self, step, state):
     t0 = time.time()
     picture = self.samples.picture(state["params"])
     seconds = time.time() - t0
-    if self.folder.is_writer:
-      path = self.folder.sample_path(step)
+    if self.training_run.is_writer:
+      path = self.training_run.sample_path(step)
       with fileio.atomic_open(path, "wb") as f:
         Image.fromarray(picture).save(f, format="png")
       self.report.tensorboard.image(step, "samples", picture)
@@ -180,26 +181,27 @@ class DrawSamples(Action):
 class SaveCheckpoint(Action):
   """A checkpoint of the state, with the data position, the config and the guard's references."""
 
-  def __init__(self, every_steps: int, folder, seed: int, guard, window: MetricsWindow):
-    self.every_steps, self.folder, self.seed = every_steps, folder, seed
+  def __init__(self, every_steps: int, training_run, seed: int, guard, window: MetricsWindow):
+    self.every_steps, self.training_run, self.seed = every_steps, training_run, seed
     self.guard, self.window = guard, window
 
   def __call__(self, step, state):
-    extra = {"data": {"next_step": step, "seed": self.seed}, "config": self.folder.config_json,
+    extra = {"data": {"next_step": step, "seed": self.seed},
+             "config": self.training_run.config_json,
              "guard": self.guard.reference}
-    self.folder.save(step, state, extra)
+    self.training_run.save(step, state, extra)
     self.window.last_good_step = step
 
 
-def stop_for_preemption(save: SaveCheckpoint, window: MetricsWindow, folder, step: int,
-                        state: dict) -> None:
+def stop_for_preemption(save: SaveCheckpoint, window: MetricsWindow, training_run,
+                        step: int, state: dict) -> None:
   """Saves `step` (once the guard has seen every step before it), waits until the save is
   committed, and raises errors.Preempted."""
   if window.pending:
     window.fetch()
   save(step, state)  # skipped by the checkpointer if this step was just saved
-  folder.ckpt.wait()
-  raise errors.Preempted(step, folder.ckpt.directory)
+  training_run.ckpt.wait()
+  raise errors.Preempted(step, training_run.ckpt.directory)
 
 
 class Profiler:

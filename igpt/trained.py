@@ -20,8 +20,7 @@ import numpy as np
 from absl import logging
 
 from igpt import class_head, model, palette as palette_lib, run, sharding, spec as spec_lib, storage
-from igpt import workdir as workdirs
-from igpt.checkpoint import TreeMismatchError
+from igpt import config as config_lib
 from igpt.convert import hf as convert_hf
 from igpt.errors import MissingFileError, UserError
 from igpt.model import ModelConfig
@@ -42,22 +41,9 @@ class TrainedModel:
   rules: tuple = sharding.DEFAULT_RULES
   head: dict = dataclasses.field(default_factory=dict)  # a fine-tuned run's classifier head
 
-  def __post_init__(self):
-    if self.palette is not None:
-      palette_lib.check_fits(self.palette, self.model_cfg.vocab_size,
-                             f"the palette of {self.description}")
-
   @property
   def image_side(self) -> int:
     return self.model_cfg.image_side
-
-  def within_palette(self) -> "TrainedModel":
-    """This model restricted to the tokens its palette can show (all of them when the palette
-    has a colour per token): what sampling draws from."""
-    if self.palette is None or len(self.palette) >= self.model_cfg.vocab_size:
-      return self
-    model_cfg, params = model.restrict_vocab(self.model_cfg, self.params, len(self.palette))
-    return dataclasses.replace(self, model_cfg=model_cfg, params=params)
 
   @property
   def data(self):
@@ -89,60 +75,78 @@ def _restore_tree(ckpt, step: int, model_cfg: ModelConfig, mesh, rules) -> dict:
   return {"params": {**tree, **head}}
 
 
-def load_run(workdir: str, step: int | None = None, mesh=None) -> TrainedModel:
-  """The model of the run in `workdir` at `step` (default: the newest checkpoint).
+def stored_model(extra: dict) -> ModelConfig:
+  """The model a checkpoint's `extra` describes. Checkpoints written before the model's shape
+  was stored with them hold only the run config: their model is derived from it as training
+  derived it then."""
+  if "model" in extra:
+    return ModelConfig.from_dict(extra["model"])
+  return spec_lib.model_config(config_lib.complete(extra["config"]))
 
-  Only the params are read (no optimiser state), onto the first local device or, with `mesh`,
-  sharded by the run's logical-axis rules. A fine-tuned run's classifier head comes apart,
-  in `.head`. Without `step`, a newest checkpoint that does not read (a damaged file) is
-  skipped with a warning for the next older one; nothing in the folder is changed.
+
+def load_run(workdir: str, step: int | None = None, mesh=None,
+             palette: str | None = None) -> TrainedModel:
+  """The model of the run in `workdir` at `step` (default: the newest checkpoint that reads).
+
+  The checkpoint says what it holds: the model's shape and the run's config are read from its
+  `extra`, and only the params are read (no optimiser state), onto the first local device
+  or, with `mesh`, sharded by the run's logical-axis rules. A fine-tuned run's classifier head
+  comes apart, in `.head`. A damaged newest checkpoint is skipped with a warning for the next
+  older one; nothing in the folder is changed. `palette` (a .npy file) replaces the run's own.
   """
-  config = spec_lib.complete(run.read_config(workdir))
-  model_cfg = spec_lib.model_config(config)
-  centers = run.read_palette(workdir)
-  rules = sharding.rules_from_config(config)
-  with run.checkpointer(workdir) as ckpt:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise MissingFileError(f"no checkpoint in {ckpt.directory}: train the run first (or "
-                             "let it reach train.checkpoint_every_steps).")
-    if step is not None:
-      step = int(step)
-      if step not in steps:
-        raise UserError(f"No checkpoint for step {step} in {ckpt.directory}; available steps: "
-                        f"{steps}.")
-    candidates = [step] if step is not None else steps[::-1]
-    for i, candidate in enumerate(candidates):
-      try:
-        tree = _restore_tree(ckpt, candidate, model_cfg, mesh, rules if mesh else ())
-        restored, _ = ckpt.restore(candidate, tree)
-        break
-      except TreeMismatchError:
-        raise  # another model, not a damaged file
-      except Exception as e:  # noqa: BLE001  (whatever a damaged file raises)
-        reason = workdirs.one_line(e)
-        if i + 1 == len(candidates):
-          others = [s for s in steps if s != candidate]
-          raise UserError(
-              f"checkpoint {candidate} in {ckpt.directory} does not read ({reason})"
-              + (f"; pick another with --step (available: {others})." if others else ".")
-          ) from e
-        logging.warning("Checkpoint %s in %s does not read (%s); using step %s instead.",
-                        candidate, ckpt.directory, reason, candidates[i + 1])
-    step = candidate
+  def tree(found: int, extra: dict) -> dict:
+    rules = sharding.rules_from_config(config_lib.complete(extra["config"])) if mesh else ()
+    return _restore_tree(ckpt, found, stored_model(extra), mesh, rules)
+
+  with run.checkpointer(workdir, readable=True) as ckpt:
+    found, restored, extra = ckpt.newest_that_reads(
+        tree, step=None if step is None else int(step), damaged="skip",
+        required_extra=("config",))
+  if found is None:
+    raise MissingFileError(f"no checkpoint in {ckpt.directory} that reads: train the run "
+                           "first (a damaged one is named in the warnings above).")
+  config = config_lib.complete(extra["config"])
+  model_cfg = stored_model(extra)
+  palette_path = palette or run.path(workdir, run.PALETTE_FILE)
+  centers = palette_lib.load_or_fit(model_cfg.vocab_size, palette_path)
+  if not palette and extra.get("palette", {}).get("sha256") not in (
+      None, palette_lib.identity(centers)["sha256"]):
+    raise UserError(f"{palette_path} is not the palette checkpoint {found} was trained with "
+                    "(its colours differ); restore the run's palette.npy, or give the right "
+                    "one with --palette.")
   params, head = class_head.split_head(dict(restored["params"]))
   return TrainedModel(model_cfg=model_cfg, params=params, palette=centers,
-                      description=f"run {workdir} at step {step}",
-                      identity=f"run:{storage.absolute(workdir)}@{step}", step=step,
-                      workdir=workdir, config=config, rules=rules, head=head)
+                      description=f"run {workdir} at step {found}",
+                      identity=f"run:{storage.absolute(workdir)}@{found}", step=found,
+                      workdir=workdir, config=config, rules=sharding.rules_from_config(config),
+                      head=head)
+
+
+def pretrained(workdir: str) -> spec_lib.Pretrained:
+  """What a run started from `workdir` (`init_from`) takes of it: the model's shape of its
+  newest checkpoint that reads, and its palette."""
+  with run.checkpointer(workdir, readable=True) as ckpt:
+    found, _, extra = ckpt.newest_that_reads(damaged="skip", required_extra=("config",))
+  if found is None:
+    raise MissingFileError(f"init_from={workdir!r} has no checkpoint that reads in "
+                           f"{run.path(workdir, run.CHECKPOINT_DIR)}: train that run first, or "
+                           "set init_from='' to start from a fresh init.")
+  palette_path = run.path(workdir, run.PALETTE_FILE)
+  if not storage.isfile(palette_path):
+    raise MissingFileError(f"{palette_path} does not exist: init_from={workdir!r} has no "
+                           "palette.")
+  model_cfg = stored_model(extra)
+  centers = palette_lib.load_or_fit(model_cfg.vocab_size, palette_path)
+  return spec_lib.Pretrained(model=model_cfg, palette_path=palette_path,
+                             palette_size=len(centers))
 
 
 def load_hf(hf_dir: str, palette_path: str | None = None) -> TrainedModel:
   """The model of a transformers ImageGPT folder, with the palette file its tokens use (none:
   it can read only pre-tokenised data)."""
   model_cfg, params = convert_hf.load_hf_checkpoint(storage.local_copy(hf_dir))
-  centers = (np.asarray(palette_lib.load_palette(palette_path), np.float32)
-             if palette_path else None)
+  centers = (palette_lib.load_or_fit(model_cfg.vocab_size, palette_path) if palette_path
+             else None)
   return TrainedModel(model_cfg=model_cfg, params=jax.tree.map(jax.numpy.asarray, params),
                       palette=centers, description=f"{hf_dir}",
                       identity=f"hf:{storage.absolute(hf_dir)}")
@@ -153,12 +157,9 @@ def load(*, workdir: str | None = None, hf: str | None = None, palette: str | No
   """The model of a run folder (`workdir`, `step`) or of a transformers folder (`hf`, with
   `palette`); exactly one of the two. `palette` with a run folder replaces the run's own."""
   ModelSource(workdir, step, hf, palette).check()
-  if hf:
-    return load_hf(hf, palette)
-  m = load_run(workdir, step, mesh)
-  if palette:
-    m = dataclasses.replace(m, palette=np.asarray(palette_lib.load_palette(palette), np.float32))
-  return m
+  if workdir:
+    return load_run(workdir, step, mesh, palette)
+  return load_hf(hf, palette)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,21 +194,47 @@ def random_init(like: TrainedModel, seed: int) -> TrainedModel:
 
 
 def save_run(workdir: str, config, centers: np.ndarray, params: dict, step: int = 0) -> None:
-  """Writes a params-only run (config.json, palette.npy, checkpoints/<step>/params).
+  """Writes a params-only run (config.json, model.json, palette.npy, checkpoints/<step>/params).
 
   For models that were not trained here (an imported checkpoint); `load_run` reads it.
   """
   model_cfg = spec_lib.model_config(config)
-  centers = palette_lib.check_palette(centers, "the palette")
-  palette_lib.check_fits(centers, model_cfg.vocab_size, "the palette")
+  centers = palette_lib.load_or_fit(model_cfg.vocab_size, centers)
   expected = jax.tree.map(lambda s: s.shape, abstract_params(model_cfg))
   got = jax.tree.map(np.shape, params)
   if expected != got:
     raise UserError(f"params do not match the config's model {model_cfg}.")
   storage.makedirs(workdir)
-  config_json = run.config_to_json(config)
-  run.write_config(workdir, config_json)
+  config_json = config_lib.to_json(config)
+  record = run.model_record(model_cfg, centers)
+  run.write_json(workdir, run.CONFIG_FILE, config_json)
+  run.write_json(workdir, run.MODEL_FILE, record)
   palette_lib.save_palette(run.path(workdir, run.PALETTE_FILE), centers)
   with run.checkpointer(workdir) as ckpt:
     ckpt.save(step, {"params": jax.tree.map(jax.numpy.asarray, params)},
-              {"data": {"next_step": step, "seed": config.seed}, "config": config_json})
+              {"data": {"next_step": step, "seed": config.seed}, "config": config_json,
+               **record})
+
+
+def load_for_sampling(source: "ModelSource") -> TrainedModel:
+  """The model of `source` as a sampler needs it: with a palette to turn its tokens into
+  pixels, restricted to the tokens that palette can show."""
+  source.check()
+  if source.hf and not source.palette:
+    raise UserError("--hf needs --palette (a [k, 3] .npy of colours in [-1, 1], like "
+                    "kmeans_centers.npy).")
+  loaded = source.load()
+  if len(loaded.palette) < loaded.model_cfg.vocab_size:
+    if source.palette:
+      # A palette from outside that lacks colours is most likely another model's.
+      raise UserError(f"the palette {source.palette} has {len(loaded.palette)} colours but the "
+                      f"model has {loaded.model_cfg.vocab_size} tokens: use the palette it was "
+                      "trained with.")
+    # A run trained on a smaller palette (its training said so): its other tokens never
+    # occurred, and they are never drawn.
+    logging.info("the run's palette has %d colours for %d tokens: sampling only those.",
+                 len(loaded.palette), loaded.model_cfg.vocab_size)
+    model_cfg, params = model.restrict_vocab(loaded.model_cfg, loaded.params,
+                                             len(loaded.palette))
+    loaded = dataclasses.replace(loaded, model_cfg=model_cfg, params=params)
+  return loaded

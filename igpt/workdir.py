@@ -1,9 +1,8 @@
-"""Keeping a run folder whole: one run at a time, config identity on resume, damaged
-checkpoints set aside, and write failures reported as one line.
+"""Keeping a run folder whole: one run at a time, config identity on resume, the partial
+files of failed saves removed, and write failures reported as one line.
 
   with workdir.lock(path, ".lock"):  # a second run on `path` fails at once
     workdir.check_identity(stored_config, config, path, "checkpoint 8")   # same model, data
-    step, state, extra = workdir.restore_newest(ckpt, abstract_state, on_extra, log)
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import time
 
 from igpt import config as config_lib
 from igpt import lease, storage
-from igpt.checkpoint import TreeMismatchError
 from igpt.errors import UserError
 
 # OS errors that mean "this folder cannot be written", not a bug.
@@ -188,27 +186,7 @@ def check_identity(stored: dict, current: dict, workdir: str, source: str) -> li
   return safe
 
 
-# ------------------------------------------------------------------------------ damaged checkpoints
-
-
-def move_aside(ckpt, step: int, reason: str, log) -> str:
-  """Renames the unreadable checkpoint `step` to `<step>.damaged[-n]` (kept for a post-mortem)."""
-  src = storage.join(ckpt.directory, str(step))
-  if not storage.isdir(src):  # another process of a multi-host run moved it first
-    ckpt.reload()
-    return src
-  dst, n = f"{src}.damaged", 1
-  while storage.exists(dst):
-    n += 1
-    dst = f"{src}.damaged-{n}"
-  try:
-    storage.move_tree(src, dst)
-  except (OSError, storage.StorageError) as e:
-    raise write_error(e, src) from e
-  ckpt.reload()
-  log("Checkpoint %s is damaged (%s); moved it to %s and trying the next older one.",
-      src, reason, dst)
-  return dst
+# ------------------------------------------------------------------------------ failed saves
 
 
 def discard_partial_saves(checkpoint_dir: str) -> None:
@@ -220,38 +198,3 @@ def discard_partial_saves(checkpoint_dir: str) -> None:
   for name in storage.listdir(checkpoint_dir):
     if ".orbax-checkpoint-tmp" in name:
       storage.rmtree(storage.join(checkpoint_dir, name))
-
-
-def one_line(e: BaseException) -> str:
-  """An exception as one short line (Orbax/TensorStore messages run to pages)."""
-  text = str(e).split("See full TensorStore details")[0].strip().splitlines()
-  return f"{type(e).__name__}: {text[0][:200] if text else ''}"
-
-
-def restore_newest(ckpt, abstract_state, on_extra, log, required=("data", "config")):
-  """(step, state, extra) of the newest checkpoint that reads whole, or (None, None, None).
-
-  `on_extra(step, extra)` sees each candidate's `extra` before its arrays are read (so a
-  config mismatch is reported as such, not as a shape error) and may raise. A checkpoint whose
-  items do not read, or whose `extra` lacks a `required` key, is moved aside and the next
-  older one is tried.
-  """
-  for step in reversed(ckpt.all_steps()):
-    try:
-      extra = ckpt.read_extra(step)
-      missing = [k for k in required if k not in (extra or {})]
-      if missing:
-        raise UserError(f"its extra item lacks {missing}")
-    except Exception as e:  # noqa: BLE001  (any unreadable extra is damage)
-      move_aside(ckpt, step, one_line(e), log)
-      continue
-    on_extra(step, extra)
-    try:
-      state, extra = ckpt.restore(step, abstract_state)
-    except TreeMismatchError:
-      raise  # another model (e.g. a params-only import), not a damaged file
-    except Exception as e:  # noqa: BLE001
-      move_aside(ckpt, step, one_line(e), log)
-      continue
-    return step, state, extra
-  return None, None, None

@@ -29,8 +29,8 @@ def mesh_of(data, fsdp, tensor):
 
 
 def two_steps(config, mesh, tokens):
-  state, shardings = train.create_train_state(train.Trainer.build(th.spec_for(config, mesh), mesh), jax.random.key(0))
-  step = train.make_train_step(train.Trainer.build(th.spec_for(config, mesh), mesh), shardings)
+  state, shardings = train.create_train_state(train.TrainSetup.build(th.spec_for(config, mesh), mesh), jax.random.key(0))
+  step = train.make_train_step(train.TrainSetup.build(th.spec_for(config, mesh), mesh), shardings)
   batch = sharding.global_batch({"tokens": tokens}, mesh)
   with jax.set_mesh(mesh):
     for i in range(2):  # step 0 has lr 0 (warm-up): the 2nd step moves the params
@@ -65,7 +65,7 @@ def main(out_path, ckpt_dir):
   config.train.grad_accum_steps = 1
 
   # Pure FSDP: every device should hold ~1/8 of the params (and of Adam's moments).
-  fsdp_state, _ = train.create_train_state(train.Trainer.build(th.spec_for(config, mesh_of(1, 8, 1)), mesh_of(1, 8, 1)), jax.random.key(0))
+  fsdp_state, _ = train.create_train_state(train.TrainSetup.build(th.spec_for(config, mesh_of(1, 8, 1)), mesh_of(1, 8, 1)), jax.random.key(0))
   total = sum(x.nbytes for x in jax.tree.leaves(fsdp_state["params"]))
   held = sharding.bytes_per_device(fsdp_state["params"])
   held_opt = sharding.bytes_per_device(fsdp_state["opt"])
@@ -80,7 +80,7 @@ def main(out_path, ckpt_dir):
   report["restore"] = {}
   for shape in [(1, 8, 1), (1, 1, 1), (2, 2, 2)]:
     mesh = mesh_of(*shape)
-    abstract, shardings = train.abstract_train_state(train.Trainer.build(th.spec_for(config, mesh), mesh))
+    abstract, shardings = train.abstract_train_state(train.TrainSetup.build(th.spec_for(config, mesh), mesh))
     with Checkpointer(ckpt_dir, keep=2) as ckpt:
       restored, extra = ckpt.restore(2, abstract)
     ok_layout = all(x.sharding == s for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)))

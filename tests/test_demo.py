@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from igpt import config as config_lib
 from igpt import model, palette, sampling, spec, trained
 from igpt.demo import images as images_lib
 from igpt.demo import sampler as sampler_lib
@@ -51,7 +52,7 @@ def _random_run(workdir: str) -> str:
   """A params-only run of the tests' tiny config (digits, 8x8, 16 grey levels), random weights
   with a non-zero head so samples vary: made in a second, where training takes many."""
   config = train_helpers.tiny_config()
-  cfg = spec.model_config(spec.complete(config))
+  cfg = spec.model_config(config_lib.complete(config))
   params = _init(cfg)
   params["wtet"] = 0.5 * jax.random.normal(jax.random.key(1), params["wtet"].shape)
   centers = np.repeat(np.linspace(-1, 1, 16, dtype=np.float32)[:, None], 3, axis=1)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from igpt import pipeline, prefetch, readers
+from igpt import palette, pipeline, prefetch, readers
 from igpt.errors import UserError
 
 import train_helpers as th
@@ -24,7 +24,8 @@ BATCH = 64  # the 1,237 training digits make 19.3 batches per epoch: steps 0-29 
 def digits():
   cfg = th.tiny_config()
   source = readers.make_source(cfg.data, "train", cfg.model.image_side)
-  return source, pipeline.fit_palette(source, cfg.data.palette_size, 5_000, seed=0)
+  return source, palette.fit_palette(pipeline.sample_pixels(source, 5_000, seed=0),
+                                     cfg.data.palette_size, seed=0)
 
 
 def _batch_maker(source, palette, augment=True):

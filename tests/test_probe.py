@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
+from igpt import config as config_lib
 from igpt import features, linear_probe, model, pipeline, run, sharding, trained
 from igpt.commands import probe as probing
 from igpt.linear_probe import Split
@@ -94,7 +95,7 @@ def test_resolve_layers():
 @pytest.mark.parametrize("value", [("abc",), (4, "x"), (0,), (2.5,)])
 def test_low_data_sizes_must_be_positive_whole_numbers(value):
   with pytest.raises(ValueError, match="low_data.examples_per_class=.*positive whole numbers"):
-    probing.check_config(_probe_config(low_data__examples_per_class=value))
+    config_lib.check_probe_settings(_probe_config(low_data__examples_per_class=value))
 
 
 def test_a_low_data_size_above_a_class_is_refused_before_probing():
@@ -321,12 +322,12 @@ def test_bad_data_is_refused(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a run folder"):
     trained.load(workdir=str(tmp_path))
   (tmp_path / "run").mkdir()  # a run folder killed before its first checkpoint
-  run.write_config(str(tmp_path / "run"), run.config_to_json(th.tiny_config()))
+  run.write_json(str(tmp_path / "run"), run.CONFIG_FILE, config_lib.to_json(th.tiny_config()))
   np.save(tmp_path / "run" / "palette.npy", np.zeros((16, 3), np.float32))
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     trained.load(workdir=str(tmp_path / "run"))
   with pytest.raises(ValueError, match="pooling"):
-    probing.check_config(_probe_config(pooling="max"))
+    config_lib.check_probe_settings(_probe_config(pooling="max"))
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from igpt import config as config_lib
 from igpt import model, run, trained
 from igpt.convert import hf as convert_hf
 from igpt.model import ModelConfig
@@ -257,9 +258,13 @@ def test_fewer_steps_than_the_run_has_made_is_refused(finished):
 
 
 def test_a_run_palette_smaller_than_the_vocabulary_samples_only_its_colours(finished, tmp_path):
-  # Tokens past the palette never occurred in training; sample.py draws only its colours.
-  workdir = copy_of(finished, tmp_path)
-  np.save(workdir / "palette.npy", np.load(workdir / "palette.npy")[:8])
+  # Tokens past the palette never occurred in training; sample.py draws only its colours. The
+  # run: the finished one's weights, saved as a run whose palette has 8 of its 16 tokens.
+  src = trained.load_run(str(finished[0]))
+  config = config_lib.complete(src.config)
+  config.data.palette_size, config.model.vocab_size = 8, src.model_cfg.vocab_size
+  workdir = tmp_path / "copy"
+  trained.save_run(str(workdir), config, src.palette[:8], src.params, step=src.step)
   out_dir = tmp_path / "samples"
   proc = subprocess.run(
       [sys.executable, os.path.join(th.REPO, "sample.py"), "--workdir", str(workdir),

@@ -119,7 +119,7 @@ def test_top_k_never_leaves_the_top_k():
 def test_top_p_keeps_the_smallest_set_reaching_p():
   logits = np.asarray(jax.random.normal(jax.random.key(0), (50, 20)) * 2)
   for top_p in (0.1, 0.5, 0.9, 1.0):
-    kept = np.isfinite(sampling.filter_logits(jnp.asarray(logits), sampling.Settings(top_p=top_p)))
+    kept = np.isfinite(sampling.filter_logits(jnp.asarray(logits), 1.0, 0, top_p))
     for row, keep in zip(logits, np.asarray(kept)):
       order = np.argsort(-row)
       probs = np.exp(row - row.max())
@@ -260,7 +260,7 @@ def test_cli_writes_the_grid_and_the_tokens(tiny_run, tmp_path):
   assert "pixels" in proc.stderr and "tokens/s" in proc.stderr  # the progress line
   # Unconditional, into the run's samples/ folder by default (in-process: no second start-up).
   config = _sample_config(mode="unconditional", num_samples=5, grid_columns=5)
-  png = sample_cli.main(config, trained.ModelSource(workdir=tiny_run), None)
+  png = sample_cli.sample_images(config, trained.ModelSource(workdir=tiny_run), None)
   assert png == os.path.join(tiny_run, "samples", "unconditional_step4_seed0.png")
   assert np.load(png[:-4] + ".npy").shape == (5, 64)
 
@@ -455,8 +455,8 @@ def test_completions_of_a_split_and_of_image_files_keep_their_own_files(tiny_run
     Image.fromarray(_picture(i)).save(folder / f"{i}.png")
   out = tmp_path / "out"
   common = dict(num_samples=2, completions_per_image=1, batch_size=2)
-  val = sample_cli.main(_sample_config(**common), trained.ModelSource(workdir=tiny_run), str(out))
-  images = sample_cli.main(_sample_config(images=str(folder), **common),
+  val = sample_cli.sample_images(_sample_config(**common), trained.ModelSource(workdir=tiny_run), str(out))
+  images = sample_cli.sample_images(_sample_config(images=str(folder), **common),
                            trained.ModelSource(workdir=tiny_run), str(out))
   assert os.path.basename(val) == "completion_val_step4_seed0.png"
   assert os.path.basename(images).startswith("completion_images-")

@@ -106,9 +106,9 @@ def test_schedule_warms_up_then_decays_to_zero_and_paper_adam():
 
 def _one_step(config, tokens, mesh=None):
   mesh = mesh or _one_device_mesh()
-  trainer = train.Trainer.build(th.spec_for(config, mesh), mesh)
-  state, shardings = train.create_train_state(trainer, jax.random.key(0))
-  step = train.make_train_step(trainer, shardings)
+  setup = train.TrainSetup.build(th.spec_for(config, mesh), mesh)
+  state, shardings = train.create_train_state(setup, jax.random.key(0))
+  step = train.make_train_step(setup, shardings)
   batch = sharding.global_batch({"tokens": tokens}, mesh)
   state, m = step(state, batch, jax.random.key(7))
   state, m = step(state, batch, jax.random.key(8))  # the 2nd step has a nonzero lr
@@ -197,27 +197,35 @@ def test_unreadable_dataset_fails_before_compile(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "w")  # nothing half-made left behind
 
 
+def _prepare_palette(config, source, workdir: str):
+  """The palette a run in `workdir` trains with, stored there as a new run stores it."""
+  centers, is_new = run.choose_palette(spec.resolve(config, 1, 1), source, workdir)
+  if is_new:
+    run.store_palette(workdir, centers)
+  return centers
+
+
 def test_palette_is_fitted_then_reused_and_given_file_used_as_is(tmp_path):
   config = th.tiny_config()
   source = readers.make_source(config.data, "train", config.model.image_side)
-  fitted = run.prepare_palette(spec.resolve(config, 1, 1), source, str(tmp_path / "a"))
+  fitted = _prepare_palette(config, source, str(tmp_path / "a"))
   assert fitted.shape == (16, 3)
   np.testing.assert_array_equal(palette.load_palette(str(tmp_path / "a" / "palette.npy")), fitted)
   # On resume the stored palette is reused, even if the data would now fit another one.
   config.data.palette_fit_pixels = 5000
   np.testing.assert_array_equal(
-      run.prepare_palette(spec.resolve(config, 1, 1), source, str(tmp_path / "a")), fitted)
+      _prepare_palette(config, source, str(tmp_path / "a")), fitted)
   # A given file is used as is (and copied into the workdir for probe/sample).
   given = np.linspace(-1, 1, 12 * 3, dtype=np.float32).reshape(12, 3)
   palette.save_palette(str(tmp_path / "given.npy"), given)
   config.data.palette_path = str(tmp_path / "given.npy")
   os.makedirs(tmp_path / "b")
-  got = run.prepare_palette(spec.resolve(config, 1, 1), source, str(tmp_path / "b"))
+  got = _prepare_palette(config, source, str(tmp_path / "b"))
   np.testing.assert_array_equal(got, given)
   np.testing.assert_array_equal(palette.load_palette(str(tmp_path / "b" / "palette.npy")), given)
   # A workdir palette that disagrees with the given file is an error, not a silent switch.
   with pytest.raises(ValueError, match="differs"):
-    run.prepare_palette(spec.resolve(config, 1, 1), source, str(tmp_path / "a"))
+    _prepare_palette(config, source, str(tmp_path / "a"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -280,13 +288,13 @@ def test_cli_end_to_end_on_8_devices_then_restore_on_1(tmp_path):
   step, state, extra = th.restore_latest(config, workdir)
   assert step == steps and extra["data"]["next_step"] == steps
   mesh = _one_device_mesh()
-  trainer = train.Trainer.build(th.spec_for(config, mesh), mesh)
-  _, shardings = train.abstract_train_state(trainer)
+  setup = train.TrainSetup.build(th.spec_for(config, mesh), mesh)
+  _, shardings = train.abstract_train_state(setup)
   centers = palette.load_palette(os.path.join(workdir, "palette.npy"))
   source = readers.make_source(config.data, "val", config.model.image_side)
   batches = [sharding.global_batch({"tokens": b["tokens"], "mask": b["mask"]}, mesh) for b in
              pipeline.eval_batches(source, centers, config.train.batch_size, 2, 0, 1)]
-  ev = evaluation.mean_loss(evaluation.make_loss_step(trainer, shardings["params"]),
+  ev = evaluation.mean_loss(evaluation.make_loss_step(setup, shardings["params"]),
                             state["params"], batches, train.run_rngs(config.seed)[2])
   assert ev["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -9,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from igpt import checkpoint, model, palette, run, spec, trained
+from igpt import checkpoint, model, palette, run, spec, train, trained
+from igpt import config as config_lib
+from igpt.errors import UserError
 
 import train_helpers as th
 
@@ -72,3 +75,51 @@ def test_save_run_round_trips_a_params_only_run(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match="params do not match"):
     trained.save_run(str(tmp_path / "bad"), config, centers, {"wte": params["wte"]})
+
+
+LEGACY = os.path.join(th.REPO, "tests", "fixtures", "run_before_model_json")
+
+
+def test_a_run_folder_from_before_model_json_loads_and_resumes(tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(os.path.join(LEGACY, "run"), workdir)
+  loaded = trained.load_run(workdir)
+  assert loaded.step == 2
+  assert loaded.model_cfg == model.ModelConfig(num_layers=1, d_model=16, num_heads=2, seq_len=64,
+                                               vocab_size=16)
+  expected = np.load(os.path.join(LEGACY, "expected_logits.npz"))
+  logits, _ = model.apply(loaded.model_cfg, loaded.params, expected["tokens"])
+  np.testing.assert_allclose(np.asarray(logits), expected["logits"], rtol=1e-6, atol=1e-7)
+  # Training resumes it (and from then on stores the model's shape with the weights).
+  config = config_lib.complete(run.read_config(workdir))
+  config.train.total_steps = 3
+  assert train.train_and_evaluate(config, workdir)["step"] == 3
+  record = json.load(open(run.path(workdir, run.MODEL_FILE)))
+  assert model.ModelConfig.from_dict(record["model"]) == loaded.model_cfg
+  assert trained.load_run(workdir).step == 3
+
+
+def test_the_model_shape_and_palette_are_stored_with_the_weights(finished_run, tmp_path):
+  loaded = trained.load_run(finished_run)
+  record = json.load(open(run.path(finished_run, run.MODEL_FILE)))
+  assert model.ModelConfig.from_dict(record["model"]) == loaded.model_cfg
+  assert record["palette"] == palette.identity(loaded.palette)
+  with run.checkpointer(finished_run) as ckpt:
+    extra = ckpt.read_extra(8)
+  assert (extra["model"], extra["palette"]) == (record["model"], record["palette"])
+  # The checkpoint, not config.json, says what the weights are: a config edited by hand does
+  # not change what loads.
+  copy = str(tmp_path / "copy")
+  shutil.copytree(finished_run, copy)
+  edited = json.load(open(run.path(copy, run.CONFIG_FILE)))
+  edited["model"]["d_model"] = 64
+  json.dump(edited, open(run.path(copy, run.CONFIG_FILE), "w"))
+  assert trained.load_run(copy).model_cfg == loaded.model_cfg
+  # Another palette in the folder is refused, naming the file (unless one is given).
+  palette.save_palette(run.path(copy, run.PALETTE_FILE), loaded.palette[::-1])
+  with pytest.raises(UserError, match="is not the palette checkpoint 8 was trained with"):
+    trained.load_run(copy)
+  given = str(tmp_path / "given.npy")
+  palette.save_palette(given, loaded.palette[::-1])
+  np.testing.assert_array_equal(trained.load_run(copy, palette=given).palette,
+                                loaded.palette[::-1])

@@ -91,7 +91,7 @@ def restore_latest(config, workdir: str, mesh=None):
   if mesh is None:
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
                               jax.devices()[:1])
-  abstract, _ = train.abstract_train_state(train.Trainer.build(spec_for(config, mesh), mesh))
+  abstract, _ = train.abstract_train_state(train.TrainSetup.build(spec_for(config, mesh), mesh))
   ckpt = Checkpointer(run.path(workdir, run.CHECKPOINT_DIR), keep=100)
   try:
     step = ckpt.latest_step()

@@ -1,7 +1,7 @@
 """The body of `probe.py`: extract features, fit probes, write the results.
 
     model = trained.load(workdir="runs/tiny")        # or hf=..., palette=...
-    results = run_probes(config, model, out_dir)     # config: configs/probe.py
+    results = run_probes(config, model, out_dir)     # config: igpt.config.probe_settings()
 
 Outputs in `out_dir` (a run's `probe/` folder by default): `results_<data>.json`,
 `accuracy_vs_layer_<data>.png` and the feature cache `features/`.
@@ -17,7 +17,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from igpt import compile_cache, features, fileio, linear_probe, readers, run, sharding, storage, trained
+from igpt import cli, compile_cache, features, fileio, linear_probe, readers, run, sharding
+from igpt import config as config_lib
+from igpt import storage, trained
 from igpt.errors import UserError
 from igpt.linear_probe import Split
 
@@ -36,7 +38,7 @@ def _head(source, n: int):
 
 
 def labelled_sources(data_cfg, image_side: int) -> dict:
-  """{'train', 'val', 'test'} sources; ValueError when the data has no labels or a split is
+  """{'train', 'val', 'test'} sources; UserError when the data has no labels or a split is
   empty."""
   out = {}
   for split in ("train", "val", "test"):
@@ -66,16 +68,16 @@ def _tag(data_cfg) -> str:
 # Probing
 
 
-def _extract(pm: trained.TrainedModel, config, sources, layers, mesh, cache_dir):
+def _extract(probed: trained.TrainedModel, config, sources, layers, mesh, cache_dir):
   """{split: ({layer: [N, D]}, labels [N])} of the model over every split."""
-  if pm.palette is None and not all(hasattr(s, "get_tokens") for s in sources.values()):
+  if probed.palette is None and not all(hasattr(s, "get_tokens") for s in sources.values()):
     raise UserError("this data is images: give the checkpoint's palette file (--palette) to "
                     "turn them into tokens.")
   extractor = features.FeatureExtractor(
-      pm.model_cfg, pm.params, pm.palette, mesh, rules=pm.rules, pooling=config.pooling,
-      batch_size=config.batch_size, cache_dir=cache_dir, identity=pm.identity,
+      probed.model_cfg, probed.params, probed.palette, mesh, rules=probed.rules, pooling=config.pooling,
+      batch_size=config.batch_size, cache_dir=cache_dir, identity=probed.identity,
       pool_grid=config.pool_grid)
-  out = {split: extractor.features(source, _data_key(config.data, split, pm.image_side), layers)
+  out = {split: extractor.features(source, _data_key(config.data, split, probed.image_side), layers)
          for split, source in sources.items()}
   for split, (_, labels) in out.items():
     if len(labels) and labels.min() < 0:
@@ -90,15 +92,15 @@ def _splits(feats, layers) -> dict:
           for split, (f, y) in feats.items()}
 
 
-def probe_model(pm: trained.TrainedModel, name: str, config, sources, mesh, cache_dir,
+def probe_model(probed: trained.TrainedModel, name: str, config, sources, mesh, cache_dir,
                 log=print) -> dict:
-  """Probes every configured layer of `pm`: per-layer results, best layer, concat, low data."""
+  """Probes every configured layer of `probed`: per-layer results, best layer, concat, low data."""
   t0 = time.time()
-  layers = features.resolve_layers(config.layers, pm.model_cfg.num_layers)
-  concat = (features.resolve_layers(config.concat_layers, pm.model_cfg.num_layers,
+  layers = features.resolve_layers(config.layers, probed.model_cfg.num_layers)
+  concat = (features.resolve_layers(config.concat_layers, probed.model_cfg.num_layers,
                                     "concat_layers")
             if config.concat_layers else [])
-  feats, cache = _extract(pm, config, sources, sorted(set(layers) | set(concat)), mesh,
+  feats, cache = _extract(probed, config, sources, sorted(set(layers) | set(concat)), mesh,
                           cache_dir)
   _check_low_data(config, feats["train"][1])  # before any layer is probed
   t_features = time.time() - t0
@@ -114,8 +116,8 @@ def probe_model(pm: trained.TrainedModel, name: str, config, sources, mesh, cach
     log(f"  [{name}] layer {layer:3d}: test {100 * r['test_accuracy']:.2f}%  val "
         f"{100 * r['val_accuracy']:.2f}%  l2 {r['l2']:g}  ({r['time_s']:.1f}s)")
   best = max(per_layer, key=lambda r: (r["val_accuracy"], -r["layer"]))
-  result = {"model": pm.description, "identity": pm.identity, "step": pm.step,
-            "num_layers": pm.model_cfg.num_layers, "num_classes": num_classes,
+  result = {"model": probed.description, "identity": probed.identity, "step": probed.step,
+            "num_layers": probed.model_cfg.num_layers, "num_classes": num_classes,
             "layers": per_layer,
             "best_layer": {"layer": best["layer"], "chosen_by": "validation accuracy",
                            "test_accuracy": best["test_accuracy"]},
@@ -124,7 +126,7 @@ def probe_model(pm: trained.TrainedModel, name: str, config, sources, mesh, cach
     s = _splits(feats, concat)
     result["concat"] = {"layers": concat, **linear_probe.probe(
         s["train"], s["val"], s["test"], num_classes, **fit_kwargs)}
-  ks = low_data_sizes(config)
+  ks = config_lib.low_data_sizes(config)
   if ks:
     s = _splits(feats, [best["layer"]])
     result["low_data"] = []
@@ -139,21 +141,11 @@ def probe_model(pm: trained.TrainedModel, name: str, config, sources, mesh, cach
   return result
 
 
-def low_data_sizes(config) -> tuple[int, ...]:
-  """`low_data.examples_per_class` as a tuple of positive ints (one number is one size)."""
-  sizes = config.low_data.examples_per_class
-  sizes = (sizes,) if isinstance(sizes, (int, str)) else tuple(sizes)
-  if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in sizes):
-    raise UserError(f"low_data.examples_per_class={config.low_data.examples_per_class!r} must "
-                    "be labels per class as positive whole numbers, e.g. \"(4,25,100)\".")
-  return sizes
-
-
 def _check_low_data(config, train_labels_N: np.ndarray) -> None:
   """Low-data sizes the training split can give, checked before any probe is fitted."""
   counts = np.bincount(train_labels_N[train_labels_N >= 0])
   present = counts[counts > 0]
-  for k in low_data_sizes(config):
+  for k in config_lib.low_data_sizes(config):
     if present.size and k > present.min():
       smallest = int(np.flatnonzero(counts == present.min())[0])
       raise UserError(f"low_data.examples_per_class has {k}, but class {smallest} has only "
@@ -167,23 +159,31 @@ def _blocks(pool_grid: int) -> str:
   return f" over {grid}x{grid} blocks" if grid > 1 else ""
 
 
-def check_config(config) -> None:
-  """ValueErrors for settings that cannot work, before any model or data is read."""
-  if config.pooling not in features.POOLINGS:
-    raise UserError(f"pooling={config.pooling!r}: use one of {list(features.POOLINGS)}.")
-  if not config.l2_grid or any(float(v) < 0 for v in config.l2_grid):
-    raise UserError(f"l2_grid={tuple(config.l2_grid)} must be non-empty and >= 0.")
-  if config.lbfgs_max_steps < 1:
-    raise UserError(f"lbfgs_max_steps={config.lbfgs_max_steps} must be >= 1.")
-  low_data_sizes(config)
-  if config.low_data.draws < 1:
-    raise UserError(f"low_data.draws={config.low_data.draws} must be >= 1.")
+_FLAGS = {}
 
 
-def main(config, source: trained.ModelSource, out_dir: str | None) -> dict:
+def define_flags() -> None:
+  """--config (probe settings), the model flags and --out."""
+  _FLAGS.update(cli.define_model_command_flags(
+      config_lib.PROBE_CONFIG_FILE, "Probe config file (configs/probe.py).", "probe",
+      "<workdir>/probe"))
+
+
+def main(argv) -> None:
+  """Probes as the flags say; a mistake is one `error:` line (see igpt.cli)."""
+  del argv
+
+  def work():
+    results = probe(_FLAGS["config"].value, _FLAGS["model"].source(), _FLAGS["out"].value)
+    logging.info("Wrote %s and %s", results["files"]["json"], results["files"]["png"])
+
+  cli.run_main(work, interrupted_hint="rerun the same command; cached features are reused")
+
+
+def probe(config, source: trained.ModelSource, out_dir: str | None) -> dict:
   """probe.py: probes the model of `source`; results go to `out_dir` (default: the run
   folder's probe/)."""
-  check_config(config)
+  config_lib.check_probe_settings(config)
   source.check()
   if not out_dir:
     if source.hf:
@@ -196,26 +196,26 @@ def main(config, source: trained.ModelSource, out_dir: str | None) -> dict:
   return results
 
 
-def run_probes(config, pm: trained.TrainedModel, out_dir: str, log=print) -> dict:
-  """Probes `pm` (and the random-init control when configured); writes JSON and PNG."""
+def run_probes(config, probed: trained.TrainedModel, out_dir: str, log=print) -> dict:
+  """Probes `probed` (and the random-init control when configured); writes JSON and PNG."""
   t0 = time.time()
-  check_config(config)
-  features.resolve_layers(config.layers, pm.model_cfg.num_layers)  # fail before any work
-  features.check_pool_grid(config.pool_grid, pm.image_side)
+  config_lib.check_probe_settings(config)
+  features.resolve_layers(config.layers, probed.model_cfg.num_layers)  # fail before any work
+  features.check_pool_grid(config.pool_grid, probed.image_side)
   if config.concat_layers:
-    features.resolve_layers(config.concat_layers, pm.model_cfg.num_layers, "concat_layers")
+    features.resolve_layers(config.concat_layers, probed.model_cfg.num_layers, "concat_layers")
   mesh = sharding.make_mesh(config.mesh)
-  sources = labelled_sources(config.data, pm.image_side)
+  sources = labelled_sources(config.data, probed.image_side)
   cache_dir = storage.join(out_dir, FEATURES_DIR)
-  log(f"Probing {pm.description} on {sources['train'].description} "
+  log(f"Probing {probed.description} on {sources['train'].description} "
       f"({len(sources['train'])} train / {len(sources['val'])} val / {len(sources['test'])} "
       f"test), pooling {config.pooling}{_blocks(config.pool_grid)}")
   results = {"data": config.data.to_dict(), "pooling": config.pooling,
              "pool_grid": int(config.pool_grid),
              "examples": {k: len(v) for k, v in sources.items()},
-             "pretrained": probe_model(pm, "pretrained", config, sources, mesh, cache_dir, log)}
+             "pretrained": probe_model(probed, "pretrained", config, sources, mesh, cache_dir, log)}
   if config.random_init_control:
-    control = trained.random_init(pm, config.random_init_seed)
+    control = trained.random_init(probed, config.random_init_seed)
     results["random_init"] = probe_model(control, "random-init", config, sources, mesh,
                                          cache_dir, log)
   results["time_s"] = time.time() - t0

@@ -331,7 +331,7 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_hf_config(config_path: str) -> dict:
-  """An ImageGPT config.json as a dict; a ValueError naming the file for anything else."""
+  """An ImageGPT config.json as a dict; a UserError naming the file for anything else."""
   try:
     with open(config_path) as f:
       hf_config = json.load(f)

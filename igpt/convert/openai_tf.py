@@ -241,7 +241,7 @@ def _shape_of(shapes, name: str, ndim: int) -> tuple[int, ...]:
 
 
 def infer_config(shapes) -> ModelConfig:
-  """ModelConfig from {name (no scope): shape} of the model variables; ValueError if not iGPT."""
+  """ModelConfig from {name (no scope): shape} of the model variables; UserError if not iGPT."""
   layers = sorted({int(m.group(1)) for name in shapes if (m := _LAYER_RE.match(name))})
   q_names = [f"h{i}/attn/q_proj" for i in layers if f"h{i}/attn/q_proj" in shapes]
   if "wtet" not in shapes and not q_names:
@@ -263,7 +263,7 @@ def infer_config(shapes) -> ModelConfig:
 
 
 def check_variables(cfg: ModelConfig, shapes) -> None:
-  """ValueError naming the first missing, unexpected or misshapen variable."""
+  """A UserError naming the first missing, unexpected or misshapen variable."""
   want = expected_shapes(cfg)
   diff = trees.leaf_diff(want, shapes)
   if diff.missing:
@@ -312,7 +312,7 @@ def params_from_release(cfg: ModelConfig, get) -> dict:
 
 
 def _model_variables(shape_map: dict, dtype_map: dict) -> dict[str, tuple[int, ...]]:
-  """{name without scope: shape} of the model's variables; ValueError on anything else."""
+  """{name without scope: shape} of the model's variables; UserError on anything else."""
   shapes = {}
   for name in sorted(shape_map):
     if is_training_state(name):
@@ -332,7 +332,7 @@ def load_tf_checkpoint(prefix: str) -> tuple[ModelConfig, dict]:
   `prefix` is e.g. `downloads/model.ckpt-1000000` (see `resolve_prefix`). The shape (layers,
   width, heads, positions, vocabulary) comes from the variables; `causal` is False when there
   is no `sos` (a BERT model). Params are float32 numpy arrays. Raises FileNotFoundError for
-  missing files, ImportError without TensorFlow, ValueError for anything but an iGPT checkpoint
+  missing files, ImportError without TensorFlow, UserError for anything but an iGPT checkpoint
   and for a cut-off or damaged file (naming it).
   """
   prefix = resolve_prefix(prefix)

@@ -7,12 +7,12 @@ compile for each new combination. Here every input has one shape:
 - the batch is always `batch` rows (a request's rows first, then copies of its first);
 - the tokens are always [B, L], the prompt's length N traced: `sampling.prefill` runs all L
   positions (the cache past the prompt holds garbage that the steps mask, then overwrite);
-- temperature, top-k, top-p and greedy are traced arrays (`knobs`);
+- temperature, top-k, top-p and greedy are traced arrays (`traced_controls`);
 - `steps` samples `chunk` positions per call from a traced first position, and the caller
   gets the tokens between calls (what the page shows as they come).
 
 The noise of position p is igpt.sampling's (`gumbel(fold_in(key(seed), p), (B, V))`) and the
-filter keeps the tokens `sampling.filter_logits` keeps, so with the same batch size, seed
+filter is `sampling.filter_logits` with traced controls, so with the same batch size, seed
 and settings this draws `sampling.sample`'s tokens (the tests check it).
 """
 
@@ -30,47 +30,31 @@ from igpt.errors import UserError
 from igpt.model import ModelConfig
 
 
-def knobs(settings: sampling.Settings) -> dict:
+def traced_controls(settings: sampling.Settings) -> dict:
   """The sampling controls as arrays (traced under jit, so new values do not recompile)."""
   return {"temperature": np.float32(1.0 if settings.greedy else settings.temperature),
           "top_k": np.int32(settings.top_k), "top_p": np.float32(settings.top_p),
           "greedy": np.bool_(settings.greedy)}
 
 
-def filter_logits(logits_BxV, knobs_: dict):
-  """`sampling.filter_logits` with traced controls: top-k 0 or top-p 1 keep every token."""
-  logits_BxV = logits_BxV.astype(jnp.float32) / knobs_["temperature"]
-  vocab = logits_BxV.shape[-1]
-  sorted_BxV = jax.lax.top_k(logits_BxV, vocab)[0]
-  k = jnp.where(knobs_["top_k"] > 0, jnp.minimum(knobs_["top_k"], vocab), vocab)
-  kth_Bx1 = jax.lax.dynamic_slice_in_dim(sorted_BxV, k - 1, 1, axis=1)
-  logits_BxV = jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
-  # What top-k left, still sorted (ties at the k-th logit kept, as sampling.filter_logits).
-  sorted_BxV = jnp.where(sorted_BxV >= kth_Bx1, sorted_BxV, -jnp.inf)
-  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-  before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-  kept_Bx1 = jnp.sum(before_BxV < knobs_["top_p"], axis=-1, keepdims=True)
-  threshold_Bx1 = jnp.take_along_axis(sorted_BxV, kept_Bx1 - 1, axis=-1)
-  threshold_Bx1 = jnp.where(knobs_["top_p"] < 1, threshold_Bx1, -jnp.inf)
-  return jnp.where(logits_BxV >= threshold_Bx1, logits_BxV, -jnp.inf)
-
-
-def sample_token(logits_BxV, gumbel_BxV, knobs_: dict):
+def sample_token(logits_BxV, gumbel_BxV, controls: dict):
   """One token int32 [B] per row: Gumbel-max over the filtered logits, or the argmax."""
-  drawn_B = jnp.argmax(filter_logits(logits_BxV, knobs_) + gumbel_BxV, axis=-1)
-  return jnp.where(knobs_["greedy"], jnp.argmax(logits_BxV, axis=-1), drawn_B).astype(jnp.int32)
+  filtered_BxV = sampling.filter_logits(logits_BxV, controls["temperature"], controls["top_k"],
+                                        controls["top_p"])
+  drawn_B = jnp.argmax(filtered_BxV + gumbel_BxV, axis=-1)
+  return jnp.where(controls["greedy"], jnp.argmax(logits_BxV, axis=-1), drawn_B).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(2,))
 def steps(cfg: ModelConfig, params, cache, tokens_BxL, seed, first, num_prompt, chunk: int,
-          knobs_: dict):
+          controls: dict):
   """Samples the positions of [first, first + chunk) at or past num_prompt into tokens_BxL."""
   batch = tokens_BxL.shape[0]
   rng = jax.random.key(seed)
   draw = lambda p: jax.random.gumbel(jax.random.fold_in(rng, p), (batch, cfg.vocab_size))
   noise_CxBxV = jax.vmap(draw)(first + jnp.arange(chunk))
 
-  choose = lambda logits_BxV, gumbel_BxV: sample_token(logits_BxV, gumbel_BxV, knobs_)
+  choose = lambda logits_BxV, gumbel_BxV: sample_token(logits_BxV, gumbel_BxV, controls)
   return sampling.decode_loop(cfg, params, cache, tokens_BxL, noise_CxBxV, first,
                               jnp.maximum(first, num_prompt),
                               jnp.minimum(first + chunk, cfg.seq_len), choose)
@@ -99,7 +83,7 @@ class FixedSampler:
     # Committed to the device, like every later call's tokens (the previous call's output):
     # an uncommitted first input would compile `steps` a second time.
     tokens = jax.device_put(np.asarray(tokens_BxL, np.int32), self.device)
-    controls = knobs(settings.check(self.cfg.vocab_size))
+    controls = traced_controls(settings.check(self.cfg.vocab_size))
     # All L positions (a fixed shape): those past the prompt are masked, then rewritten.
     cache = sampling.prefill(self.cfg, self.params, tokens, length)
     yield num_prompt, np.array(tokens)

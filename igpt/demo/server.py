@@ -31,7 +31,6 @@ from urllib.parse import parse_qs, urlsplit
 from absl import logging
 
 from igpt import compile_cache, trained
-from igpt.commands import sample as sample_cli
 from igpt.demo import images as images_lib
 from igpt.demo.session import Request, Session
 from igpt.errors import UserError
@@ -337,7 +336,7 @@ def main(source: trained.ModelSource, host: str, port: int, max_batch: int) -> N
   if not 0 <= port <= 65535:
     raise UserError(f"--port={port} must be in [0, 65535] (0: a free port).")
   compile_cache.enable("")  # a restart loads the compiled sampler instead of compiling it
-  session = Session(sample_cli.load_model(source), max_batch)
+  session = Session(trained.load_for_sampling(source), max_batch)
   logging.info("compiled the sampler in %.1fs", session.warm_up())
   server = make_server(session, host, port)
   print(f"igpt demo: {server.url} (Ctrl-C to stop)", flush=True)

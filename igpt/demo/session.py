@@ -16,8 +16,8 @@ from typing import Callable, Iterator
 import numpy as np
 from absl import logging
 
+from igpt import config as config_lib
 from igpt import palette, pipeline, readers, sampling, trained
-from igpt.commands import sample as sample_cli
 from igpt.demo import images as images_lib
 from igpt.demo.sampler import FixedSampler
 from igpt.errors import UserError
@@ -56,24 +56,24 @@ def _number(body: dict, name: str, kind, default):
 class Session:
   """The model, its sampler and held-out images, for the server's whole life."""
 
-  def __init__(self, m: trained.TrainedModel, max_batch: int = 8):
+  def __init__(self, loaded: trained.TrainedModel, max_batch: int = 8):
     if max_batch < 1:
       raise UserError(f"--max_batch={max_batch} must be >= 1.")
-    if m.palette is None:
+    if loaded.palette is None:
       raise UserError("the demo shows pixels: the model needs a palette (--palette).")
-    self.model, self.max_batch = m, int(max_batch)
-    self.side, self.length = m.image_side, m.model_cfg.seq_len
+    self.model, self.max_batch = loaded, int(max_batch)
+    self.side, self.length = loaded.image_side, loaded.model_cfg.seq_len
     rows_per_push = max(1, math.ceil(self.side / PUSHES_PER_IMAGE))
-    self.sampler = FixedSampler(m.model_cfg, m.params, self.max_batch, rows_per_push * self.side)
-    self.examples = self._held_out(m)
+    self.sampler = FixedSampler(loaded.model_cfg, loaded.params, self.max_batch, rows_per_push * self.side)
+    self.examples = self._held_out(loaded)
 
   @staticmethod
-  def _held_out(m: trained.TrainedModel):
+  def _held_out(loaded: trained.TrainedModel):
     """The run's test split, as sample.py reads prompts (None when there is none)."""
-    if m.data is None:
+    if loaded.data is None:
       return None
     try:
-      return readers.make_source(m.data, SPLIT, m.image_side)
+      return readers.make_source(loaded.data, SPLIT, loaded.image_side)
     except (UserError, OSError) as e:  # the data is not on this machine: uploads still work
       logging.warning("no held-out images (%s split of the run's data): %s", SPLIT, e)
       return None
@@ -122,8 +122,8 @@ class Session:
     if not isinstance(body, dict):
       raise UserError("a sampling request is a JSON object.")
     mode = body.get("mode", "completion")
-    if mode not in sample_cli.MODES:
-      raise UserError(f"mode={mode!r} must be one of {list(sample_cli.MODES)}.")
+    if mode not in config_lib.SAMPLE_MODES:
+      raise UserError(f"mode={mode!r} must be one of {list(config_lib.SAMPLE_MODES)}.")
     count = _number(body, "count", int, 4)
     if not 1 <= count <= self.max_batch:
       raise UserError(f"count={count} must be between 1 and {self.max_batch} (--max_batch).")

@@ -60,7 +60,7 @@ class TokenSource:
       raise UserError(f"{what}: {len(x)} token rows but {len(y)} label rows.")
 
   def _check_values(self, x, y, rows=None):
-    """ValueError unless tokens are in [0, num_tokens) and labels one-hot; `rows` are the file
+    """A UserError unless tokens are in [0, num_tokens) and labels one-hot; `rows` are the file
     rows of x and y (default: 0, 1, ...), for the message."""
     name = lambda i: int(i if rows is None else rows[i])
     outside = (x < 0) | (x >= self.num_tokens)
