@@ -8,7 +8,7 @@
 
 The tiny model's shape (4 layers, width 128) at 16x16, on CIFAR files (`data.source=cifar`).
 `bench/bench_learning.py` runs both steps and prints the probe table with the controls; the
-README's probing section gives the measured numbers.
+docs/probing.md gives the measured numbers.
 """
 
 from igpt.config import base_config

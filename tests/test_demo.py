@@ -2,7 +2,7 @@
 
 The server tests talk HTTP to an in-process server of a tiny run; the browser test drives
 Debian's headless Chromium through chromedriver's WebDriver HTTP API (skipped without them).
-`python tests/test_demo.py --screenshot docs/demo.png --workdir RUN` remakes the README's
+`python tests/test_demo.py --screenshot docs/demo.png --workdir RUN` remakes the docs'
 screenshot with the same machinery (the tests never write docs/).
 """
 
@@ -541,7 +541,7 @@ def test_the_page_completes_an_upload_in_chromium(server, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The README's screenshot
+# The docs' screenshot
 
 
 def take_screenshot(workdir: str, out: str, example: int = 7, rows: int = 4, seed: int = 0):

@@ -78,12 +78,12 @@ def _table_rows() -> list[tuple[list[str], str]]:
 
 
 def _covers(pattern: str, name: str) -> bool:
-  if pattern in ENTRY_POINTS:
+  if pattern in ENTRY_POINTS or name in ENTRY_POINTS:
     return name == pattern
   pattern = pattern[len("igpt/"):] if pattern.startswith("igpt/") else pattern
   if pattern.endswith("/"):
     return _package(name) == pattern.rstrip("/")
-  return name == pattern[:-len(".py")]
+  return name == pattern[:-len(".py")].replace("/", ".")
 
 
 def _allowed(rows) -> list[tuple[list[str], set[str] | None]]:
