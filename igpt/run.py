@@ -92,9 +92,9 @@ def checkpointer(workdir: str, keep: int = 1, readable: bool = False) -> Checkpo
   """The run's checkpoint manager (keeps the newest `keep` steps when saving). `readable`:
   for a reader, which needs a run folder with checkpoints (and creates nothing)."""
   if readable and not storage.isdir(path(workdir, CHECKPOINT_DIR)):
-    what = "has no checkpoints yet" if storage.isfile(path(workdir, CONFIG_FILE)) else (
-        "is not a run folder (train.py or igpt.import_openai makes one)")
-    raise MissingFileError(f"{workdir!r} {what}: no {path(workdir, CHECKPOINT_DIR)}.")
+    what = "train the run first" if storage.isfile(path(workdir, CONFIG_FILE)) else (
+        f"{workdir!r} is not a run folder (train.py or igpt.import_openai makes one)")
+    raise MissingFileError(f"no checkpoint in {path(workdir, CHECKPOINT_DIR)}: {what}.")
   return Checkpointer(path(workdir, CHECKPOINT_DIR), keep=keep)
 
 

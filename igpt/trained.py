@@ -125,8 +125,10 @@ def load_run(workdir: str, step: int | None = None, mesh=None,
 def pretrained(workdir: str) -> spec_lib.Pretrained:
   """What a run started from `workdir` (`init_from`) takes of it: the model's shape of its
   newest checkpoint that reads, and its palette."""
-  with run.checkpointer(workdir, readable=True) as ckpt:
-    found, _, extra = ckpt.newest_that_reads(damaged="skip", required_extra=("config",))
+  found = None
+  if run.checkpoint_steps(workdir):
+    with run.checkpointer(workdir) as ckpt:
+      found, _, extra = ckpt.newest_that_reads(damaged="skip", required_extra=("config",))
   if found is None:
     raise MissingFileError(f"init_from={workdir!r} has no checkpoint that reads in "
                            f"{run.path(workdir, run.CHECKPOINT_DIR)}: train that run first, or "

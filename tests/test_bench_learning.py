@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import train_helpers as th
 
@@ -22,6 +23,7 @@ def _write_cifar(folder, name, n, seed):
     pickle.dump(record, f, protocol=2)
 
 
+@pytest.mark.slow
 def test_the_learning_benchmark_prints_its_table(tmp_path):
   cifar = tmp_path / "cifar-10-batches-py"
   cifar.mkdir()

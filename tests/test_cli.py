@@ -29,6 +29,7 @@ HELP_CASES = {
 }
 
 
+@pytest.mark.slow
 def test_help_exits_0_and_lists_flags_and_config_fields():
   procs = {name: subprocess.Popen([sys.executable, *args], env=th.env(1), cwd=th.REPO,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -35,6 +35,7 @@ def _compile_in_fresh_process(cache_arg: str, **env) -> dict:
   return {**json.loads(proc.stdout.strip().splitlines()[-1]), "stderr": proc.stderr}
 
 
+@pytest.mark.slow
 def test_restarts_hit_and_a_cut_off_entry_is_written_again(tmp_path):
   folder = str(tmp_path / "cache")
   first = _compile_in_fresh_process(folder)

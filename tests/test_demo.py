@@ -153,6 +153,7 @@ def _example(server, index: int = 0) -> list[int]:
 # The fixed-shape sampler
 
 
+@pytest.mark.slow
 def test_fixed_sampler_draws_what_sample_draws_and_compiles_once():
   # sample() compiles for each prompt length and settings: a small model keeps that quick.
   cfg = model.ModelConfig(num_layers=1, d_model=16, num_heads=2, seq_len=16, vocab_size=16)
@@ -201,6 +202,7 @@ def _lowerings():
 # The server
 
 
+@pytest.mark.slow
 def test_completions_keep_the_prompt_stream_and_repeat_with_their_seed(server):
   tokens = _example(server, 5)
   prompt = palette.decode(np.asarray(tokens), server.session.model.palette, 8)
@@ -365,6 +367,7 @@ def test_the_page_is_served_and_fetches_nothing_from_elsewhere(server):
 # demo.py
 
 
+@pytest.mark.slow
 def test_demo_py_prints_its_address_and_serves_until_interrupted(run_dir, tmp_path):
   proc = subprocess.Popen([sys.executable, DEMO_PY, "--workdir", run_dir, "--port", "0",
                            "--max_batch", "2"], env=train_helpers.env(1), cwd=train_helpers.REPO,

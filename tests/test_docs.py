@@ -188,6 +188,7 @@ def _problems(command: Command, help_info: dict) -> list[str]:
   return problems
 
 
+@pytest.mark.slow
 def test_documented_commands_use_flags_and_fields_that_exist():
   commands = documented_commands()
   configs_by_entry = collections.defaultdict(set)

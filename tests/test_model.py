@@ -245,6 +245,7 @@ def _assert_close(got, want, rtol):
     assert np.max(np.abs(g - w)) <= rtol * np.max(np.abs(w)), np.max(np.abs(g - w))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal, length", [(True, 200), (True, 64), (False, 200)])
 def test_blocked_attention_matches_dot_product_attention(causal, length):
   # length 200 with block 64: several blocks and a ragged last one.
@@ -262,6 +263,7 @@ def test_blocked_attention_keeps_compute_dtype():
   assert kernels.blocked_attention(q, q, q, causal=True).dtype == jnp.bfloat16
 
 
+@pytest.mark.slow
 def test_mlp_and_norm_backward_match_autodiff():
   keys = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(keys[0], (2, 5, 8), jnp.float32)
@@ -287,6 +289,7 @@ def test_mlp_and_norm_backward_match_autodiff():
 # Attention implementations (model.attention) and decode mode.
 # ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_choices_agree_on_cpu(causal):
   cfg = model.ModelConfig(num_layers=2, d_model=64, num_heads=4, seq_len=256, causal=causal,
@@ -342,6 +345,7 @@ def test_splash_attention_resolution_and_clear_errors():
       bad.attention_implementation("tpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal, under_mesh", [(True, True), (False, False)])
 def test_splash_attention_matches_xla_in_interpret_mode(causal, under_mesh):
   # The TPU kernel's own code run by Pallas' interpreter on CPU: length 256 is two 128-row
@@ -375,6 +379,7 @@ def test_splash_attention_lowers_to_tpu_kernels():
     assert lowered.as_text().count("tpu_custom_call") == 3
 
 
+@pytest.mark.slow
 def test_decode_through_the_cache_matches_the_full_pass():
   cfg = model.ModelConfig(num_layers=2, d_model=32, num_heads=4, seq_len=16, vocab_size=16)
   params = model.init_params(cfg, jax.random.key(0))

@@ -57,6 +57,7 @@ def _run_two_processes(workdir, log_dir, overrides=None):
       log.close()
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
   multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
   with open(tmp_path / "single.log", "w+") as log:
@@ -110,6 +111,7 @@ def uninterrupted(tmp_path_factory):
   return str(workdir / "run")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("targets", [(1,), (0, 1)], ids=["one process", "both processes"])
 def test_sigterm_stops_every_process_at_one_saved_step(tmp_path, targets, uninterrupted):
   workdir = str(tmp_path / "run")

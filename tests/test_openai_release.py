@@ -677,6 +677,7 @@ def test_imported_run_loads_back(ar_release, palette_file, tmp_path, tokens, cap
   assert max(errs.values()) <= RTOL, errs
 
 
+@pytest.mark.slow
 def test_hf_export_of_imported_checkpoint(ar_release, palette_file, tmp_path, fake_run, tokens,
                                           capsys):
   """--hf_out loads in transformers and gives the release graph's logits and hidden states."""

@@ -296,6 +296,7 @@ def test_hf_checkpoint_and_openai_tokens_are_probe_sources(tmp_path):
     readers.make_source(data, "test", 8)
 
 
+@pytest.mark.slow
 def test_sharded_features_and_probe_match_one_device():
   proc = th.run([sys.executable, os.path.join(th.REPO, "tests", "probe_sharding_check.py")],
                 num_devices=2)
@@ -354,6 +355,7 @@ def _probe_cli(workdir, *flags):
                         timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_beats_random_init(tiny_run):
   proc = _probe_cli(tiny_run, "--config.low_data.examples_per_class=(4,)",
                     "--config.low_data.draws=2")
@@ -373,6 +375,7 @@ def test_cli_end_to_end_beats_random_init(tiny_run):
   assert pre["feature_cache"]["cache_misses"] == 6
 
 
+@pytest.mark.slow
 def test_cli_rebuilds_a_cut_off_feature_cache(tiny_run):
   cache = os.path.join(tiny_run, "probe", probing.FEATURES_DIR)
   flags = ("--config.random_init_control=False",)
@@ -392,6 +395,7 @@ def test_cli_rebuilds_a_cut_off_feature_cache(tiny_run):
   assert cache_counts == {"cache_hits": 0, "cache_misses": 6}
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path):
   for flags, message in (((), "not a run folder"), (("--config.layers=5",), "out of range"),
                          (("--config.layer=5",), "field 'layer' in --config.layer (did you mean"),
@@ -419,6 +423,7 @@ def test_augment_pads_crops_and_flips_deterministically():
     assert np.array_equal(got, want) or np.array_equal(got, want[:, ::-1])
 
 
+@pytest.mark.slow
 def test_finetune_from_a_run_beats_chance(tiny_run, tmp_path):
   from igpt.train import train_and_evaluate  # noqa: PLC0415
   spec = importlib.util.spec_from_file_location("finetune_config",

@@ -86,6 +86,7 @@ def copy_of(finished, tmp_path, name="copy"):
 # ------------------------------------------------------------------------------ a normal run
 
 
+@pytest.mark.slow
 def test_a_normal_run_reads_well(finished):
   workdir, out = finished
   assert "Unable to initialize backend" not in out
@@ -217,6 +218,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_set_aside_and_resume_reaches_the_same_params(finished, tmp_path):
   workdir = copy_of(finished, tmp_path)  # its .lock is a stale one: taken over
   for step, (_, damage) in DAMAGE.items():
@@ -284,6 +286,7 @@ def test_the_same_init_from_path_relative_or_absolute_is_the_same_run():
   assert unsafe == ["init_from: 'runs/a' -> 'runs/b'"]
 
 
+@pytest.mark.slow
 def test_concurrent_runs_second_exits_at_once_first_finishes(finished, tmp_path):
   workdir = tmp_path / "run"
   first = subprocess.Popen(th.cli_args(str(workdir), **BASE), env=th.env(1), cwd=th.REPO,
@@ -305,6 +308,7 @@ def test_concurrent_runs_second_exits_at_once_first_finishes(finished, tmp_path)
   assert steps == [4, 8, 12]
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_before_its_checkpoint(tmp_path):
   workdir = tmp_path / "run"
   rc, out = cli(workdir, **{"optim.lr": 1e6, "train.log_every_steps": 2})
@@ -313,6 +317,7 @@ def test_diverging_run_stops_before_its_checkpoint(tmp_path):
   assert all(s < 4 for s in saved), saved  # nothing after the divergence was checkpointed
 
 
+@pytest.mark.slow
 def test_sigint_then_resume_with_safe_changes(tmp_path):
   workdir = tmp_path / "run"
   # Enough steps that the run is still going when the signal lands (log lines sync each 2).

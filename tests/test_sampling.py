@@ -90,6 +90,7 @@ def test_greedy_sampling_is_the_argmax_of_the_full_pass():
 # Sampling controls
 
 
+@pytest.mark.slow
 def test_sampled_frequencies_match_the_softmax():
   # Only the last position is sampled, 8,000 times after the same prompt.
   cfg, params = _model(num_layers=1, d_model=16, num_heads=2, seq_len=6, vocab_size=6)
@@ -141,6 +142,7 @@ def test_settings_are_checked():
 # Completion and determinism
 
 
+@pytest.mark.slow
 def test_completion_keeps_the_prompt_and_the_seed_fixes_the_images():
   cfg, params = _model()
   prompt = _tokens(cfg, batch=4)[:, :6]
@@ -159,6 +161,7 @@ def test_completion_keeps_the_prompt_and_the_seed_fixes_the_images():
   np.testing.assert_array_equal(e, f)
 
 
+@pytest.mark.slow
 def test_sharded_over_four_devices_gives_the_same_tokens():
   script = textwrap.dedent("""
       import jax, numpy as np
@@ -248,6 +251,7 @@ def _sample_cli(*args, num_devices=1):
                         cwd=train_helpers.REPO, capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_grid_and_the_tokens(tiny_run, tmp_path):
   proc = _sample_cli("--workdir", tiny_run, "--out", str(tmp_path), "--config.num_samples=3",
                      "--config.completions_per_image=2", "--config.prompt_rows=3",
@@ -275,6 +279,7 @@ def _sample_config(**overrides):
   return config
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_give_one_line(tiny_run, tmp_path):
   bad_palette = tmp_path / "palette.npy"
   np.save(bad_palette, np.zeros((4, 3), np.float32))

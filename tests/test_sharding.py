@@ -69,6 +69,7 @@ def test_dimensions_a_mesh_axis_does_not_divide_stay_whole():
   assert sharding._fit_spec(P(("data", "fsdp")), (4,), mesh) == P("data")
 
 
+@pytest.mark.slow
 def test_8_devices_train_like_1_and_restore_across_meshes(tmp_path):
   out = tmp_path / "report.json"
   th.run([sys.executable, os.path.join(th.REPO, "tests", "sharding_check.py"), str(out),

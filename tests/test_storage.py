@@ -111,6 +111,7 @@ def _assert_same_state(a_dir, b_dir):
     np.testing.assert_array_equal(x, y)  # bit for bit: params, Adam moments, step
 
 
+@pytest.mark.slow
 def test_killed_bucket_run_resumes_to_the_local_runs_state(bucket_run, straight):
   url, _ = bucket_run
   storage = _storage()
@@ -141,6 +142,7 @@ def test_tensorboard_reads_the_events_in_the_bucket(bucket_run):
   assert scalars[loss_tag] == _metric_steps(url)  # each step once, the killed run's extra gone
 
 
+@pytest.mark.slow
 def test_sample_probe_and_load_run_read_the_bucket_run(bucket_run):
   from igpt import trained  # noqa: PLC0415
 
@@ -213,6 +215,7 @@ def test_lease_staleness():
   assert not lease.is_stale({"host": here, "pid": os.getppid(), "renewed": now}, now)
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_in_the_bucket_is_set_aside(bucket_run, straight):
   # It rewrites the bucket run, to the same final state.
   url, _ = bucket_run
@@ -327,6 +330,7 @@ def test_an_imported_run_and_a_transformers_folder_in_the_bucket(bucket_run, tmp
     import_openai._check_new_folder(out, "out")
 
 
+@pytest.mark.slow
 def test_two_processes_train_into_the_bucket(gcs, tmp_path):
   # A pod's shape: two jax.distributed processes, one bucket folder, no shared disk. Each
   # writes its own share of every checkpoint; process 0 holds the lease and writes the rest.

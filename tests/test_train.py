@@ -115,6 +115,7 @@ def _one_step(config, tokens, mesh=None):
   return jax.device_get(state), jax.device_get(m)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_full_batch():
   # BERT: masks are drawn for the whole batch, then split (AR on 8 devices: test_sharding).
   config = th.tiny_config(objective="bert", optim__clip_grad_norm=1.0)
@@ -243,6 +244,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state["params"])))
 
 
+@pytest.mark.slow
 def test_bert_run_trains_and_writes_its_workdir(tmp_path):
   config = th.tiny_config(objective="bert", train__total_steps=8, train__eval_every_steps=8)
   final = train.train_and_evaluate(config, str(tmp_path))
@@ -267,6 +269,7 @@ def test_bert_run_trains_and_writes_its_workdir(tmp_path):
 # Subprocesses: the CLI on 8 fake devices, and kill-and-resume.
 # ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_8_devices_then_restore_on_1(tmp_path):
   workdir = str(tmp_path / "run")
   steps = 32
@@ -336,6 +339,7 @@ def _assert_same_final_state(straight, resumed):
   _assert_tensorboard_matches_metrics(resumed)
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_exact(straight_run, tmp_path):
   steps = RESUME_OVERRIDES["train.total_steps"]  # enough left after the kill point
   killed = str(tmp_path / "killed")
@@ -354,6 +358,7 @@ def test_sigkill_and_resume_is_bit_exact(straight_run, tmp_path):
   _assert_same_final_state(straight_run, killed)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_it_stops_at_and_resume_is_bit_exact(straight_run, tmp_path):
   # What a preemptible VM or a scheduler sends before eviction: the run saves where it is.
   steps = RESUME_OVERRIDES["train.total_steps"]
@@ -393,6 +398,7 @@ def _assert_tensorboard_matches_metrics(workdir):
   assert {"train/grad_norm", "train/lr", "train/tokens_per_s", "eval/eval_bits_per_dim"} <= set(scalars)
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_samples_and_profile_trace(tmp_path):
   runs = {}
   for name in ("a", "b"):  # two identical runs: the samples are a function of the seed

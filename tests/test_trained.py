@@ -24,6 +24,7 @@ def finished_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_load_run_returns_the_final_params_without_reading_the_optimiser(finished_run, tmp_path):
   config = run.read_config(finished_run)
   step, state, _ = th.restore_latest(config, finished_run)
@@ -80,6 +81,7 @@ def test_save_run_round_trips_a_params_only_run(tmp_path):
 LEGACY = os.path.join(th.REPO, "tests", "fixtures", "run_before_model_json")
 
 
+@pytest.mark.slow
 def test_a_run_folder_from_before_model_json_loads_and_resumes(tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(os.path.join(LEGACY, "run"), workdir)
